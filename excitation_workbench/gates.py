@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_gates', 'relu_sites', 'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #300c7018
+# %% ../nbs/01_gates.ipynb #bf43b30e
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #4f53c648
+# %% ../nbs/01_gates.ipynb #41c2f6af
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -30,7 +30,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #d895b365
+# %% ../nbs/01_gates.ipynb #e581c784
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -60,7 +60,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #f7d81ce4
+# %% ../nbs/01_gates.ipynb #41cf4f54
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -125,7 +125,7 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #2a769588
+# %% ../nbs/01_gates.ipynb #35890832
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
 def _gate_dtype(z):
@@ -148,7 +148,7 @@ class _SoftReLU(torch.autograd.Function):
         (g,) = ctx.saved_tensors
         return (grad * g).to(grad.dtype), None, None, None
 
-# %% ../nbs/01_gates.ipynb #b36a95af
+# %% ../nbs/01_gates.ipynb #9e088f11
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T), keeping only x."
     @staticmethod
@@ -174,7 +174,7 @@ class _SoftMaxPool(torch.autograd.Function):
         gx = F.fold(cols, xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #65905bce
+# %% ../nbs/01_gates.ipynb #882c0226
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -209,7 +209,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
                      lambda sites: _check_sites(sites, layers)) as catcher:
         yield catcher
 
-# %% ../nbs/01_gates.ipynb #df0fd4f1
+# %% ../nbs/01_gates.ipynb #394db4ae
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -217,7 +217,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #6d538886
+# %% ../nbs/01_gates.ipynb #ff0b20d1
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
