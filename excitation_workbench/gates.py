@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_gates', 'relu_sites', 'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #bf43b30e
+# %% ../nbs/01_gates.ipynb #23b6fa98
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #41c2f6af
+# %% ../nbs/01_gates.ipynb #0d96d2c5
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -30,7 +30,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #e581c784
+# %% ../nbs/01_gates.ipynb #bbb684c6
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -60,7 +60,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #41cf4f54
+# %% ../nbs/01_gates.ipynb #d586ab91
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -73,7 +73,8 @@ class _Mode(TorchFunctionMode):
 class ReluCatcher:
     "Routes every ReLU call (and max_pool2d call) made while `model` runs to callbacks; `.sites` lists the last forward's."
     def __init__(self, model:nn.Module, on_relu:Callable, on_maxpool:Callable=None, on_forward_end:Callable=None):
-        self.model, self.on_relu, self.on_maxpool, self.on_forward_end = model, on_relu, on_maxpool, on_forward_end
+        self.on_relu, self.on_maxpool, self.on_forward_end = on_relu, on_maxpool, on_forward_end
+        self.model = getattr(model, '_orig_mod', model)  # torch.compile'd: hook the module it wraps, which it traces
         self.sites, self._names, self._stack, self._counts, self._handles = [], {}, [], {}, []
         self._mode = _Mode(self)
 
@@ -125,30 +126,34 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #35890832
+# %% ../nbs/01_gates.ipynb #3227bd1e
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
-def _gate_dtype(z):
-    "float16 holds a gate in [0, 1] to 2^-11 relative error at half the bytes; float64 work stays float64."
+def _storage_dtype(z):
+    "float16 keeps z to a relative error of 2^-11 at half the bytes; float64 work stays float64."
     return z.dtype if z.dtype == torch.float64 else torch.float16
 
 class _SoftReLU(torch.autograd.Function):
-    "Exact (clipped) ReLU forward; backward multiplies the gradient by the soft gate, computed here and kept in float16."
+    "Exact (clipped) ReLU forward; backward multiplies the gradient by gate(z / T), from a float16 copy of z."
     @staticmethod
     def forward(ctx, z, call, gate, temperature):
-        g = gate(z * (1 / temperature), out=torch.empty_like(z, dtype=_gate_dtype(z)))
-        if call.upper is not None: g *= gate((call.upper - z) * (1 / temperature))
+        ctx.upper, ctx.gate, ctx.temperature = call.upper, gate, temperature  # not `call`: it holds z (a cycle)
+        ctx.save_for_backward(z.to(_storage_dtype(z), copy=True))  # before an in-place call overwrites z
         out = call.hard()
-        if call.inplace: ctx.mark_dirty(z)
-        ctx.save_for_backward(g)
-        return out
+        if not call.inplace: return out
+        ctx.mark_dirty(z)
+        return z  # what an in-place ReLU returns; said explicitly so that torch.compile can trace it
 
     @staticmethod
     def backward(ctx, grad):
-        (g,) = ctx.saved_tensors
-        return (grad * g).to(grad.dtype), None, None, None
+        z, beta, upper = ctx.saved_tensors[0].to(grad.dtype), 1 / ctx.temperature, ctx.upper
+        if ctx.gate is torch.special.expit and upper is None:  # grad * sigmoid(beta z) in one pass
+            return torch.ops.aten.softplus_backward(grad, z, beta, 20.0), None, None, None
+        g = ctx.gate(z * beta)
+        if upper is not None: g = g * ctx.gate((upper - z) * beta)
+        return grad * g, None, None, None
 
-# %% ../nbs/01_gates.ipynb #9e088f11
+# %% ../nbs/01_gates.ipynb #1a4e39e8
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T), keeping only x."
     @staticmethod
@@ -174,7 +179,7 @@ class _SoftMaxPool(torch.autograd.Function):
         gx = F.fold(cols, xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #882c0226
+# %% ../nbs/01_gates.ipynb #a4a910bf
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -209,7 +214,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
                      lambda sites: _check_sites(sites, layers)) as catcher:
         yield catcher
 
-# %% ../nbs/01_gates.ipynb #394db4ae
+# %% ../nbs/01_gates.ipynb #1680f613
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -217,7 +222,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #ff0b20d1
+# %% ../nbs/01_gates.ipynb #f55ec1e3
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
@@ -232,7 +237,9 @@ def _targets(target, n, device):
 
 def _target_logits(logits, target):
     "The logit of each sample's target class, checked."
-    if logits.dim() != 2: raise ValueError(f'the model should return logits [N, classes], got shape {tuple(logits.shape)}')
+    if logits.dim() != 2 or len(logits) != len(target):
+        raise ValueError(f'the model should return logits [N, classes] for N = {len(target)} inputs, got shape '
+                         f'{tuple(logits.shape)}: if x is one unbatched sample, pass x[None]')
     bad = (target < 0) | (target >= logits.shape[1])
     if bad.any(): raise ValueError(f'target class(es) {target[bad].tolist()} out of range for {logits.shape[1]} classes')
     return logits.gather(1, target[:, None])[:, 0]
