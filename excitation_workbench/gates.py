@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_gates', 'relu_sites', 'gated_gradient', 'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #1bfef74a
-import torch, torch.nn as nn, torch.nn.functional as F
+# %% ../nbs/01_gates.ipynb #5afa86d5
+import sys, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.nn.modules.utils import _pair
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #5da1a441
+# %% ../nbs/01_gates.ipynb #7cf74b27
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -30,7 +30,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #a7df36ee
+# %% ../nbs/01_gates.ipynb #6be52373
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -60,7 +60,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #372b67a9
+# %% ../nbs/01_gates.ipynb #586fe393
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -75,39 +75,47 @@ class ReluCatcher:
     def __init__(self, model:nn.Module, on_relu:Callable, on_maxpool:Callable=None, on_forward_end:Callable=None):
         self.on_relu, self.on_maxpool, self.on_forward_end = on_relu, on_maxpool, on_forward_end
         self.model = getattr(model, '_orig_mod', model)  # torch.compile'd: hook the module it wraps, which it traces
-        self.sites, self._names, self._stack, self._counts, self._handles = [], {}, [], {}, []
+        self._modules = {id(m): (name, m) for name, m in self.model.named_modules()}
+        self.sites, self._counts, self._handles, self._depth = [], {}, [], 0
         self._mode = _Mode(self)
 
     def __enter__(self):
-        try:
-            for name, m in self.model.named_modules():
-                self._handles.append(m.register_forward_pre_hook(self._enter_module))
-                self._handles.append(m.register_forward_hook(self._leave_module, always_call=True))
-                self._names.setdefault(m, name)
-        except BaseException: self.__exit__(); raise
+        self._handles = [self.model.register_forward_pre_hook(self._start),
+                         self.model.register_forward_hook(self._stop, always_call=True)]
         return self
 
     def __exit__(self, *exc):
         for h in self._handles: h.remove()
         self._handles.clear()
-        while self._stack: self._leave_module(self._stack[-1], None, None)
+        if self._depth: self._depth = 0; self._mode.__exit__(None, None, None)
 
-    def _enter_module(self, module, args):
-        if not self._stack: self.sites, self._counts = [], {}; self._mode.__enter__()
-        self._stack.append(module)
+    def _start(self, module, args):
+        if not self._depth: self.sites, self._counts = [], {}; self._mode.__enter__()
+        self._depth += 1
 
-    def _leave_module(self, module, args, output):
-        if not self._stack or self._stack[-1] is not module: return  # already unwound by __exit__
-        self._stack.pop()
-        if not self._stack:
-            self._mode.__exit__(None, None, None)
-            if self.on_forward_end and output is not None: self.on_forward_end(self.sites)
+    def _stop(self, module, args, output):
+        if not self._depth: return  # already unwound by __exit__
+        self._depth -= 1
+        if self._depth: return
+        self._mode.__exit__(None, None, None)
+        if self.on_forward_end and output is not None: self.on_forward_end(self.sites)
+
+    def _owner(self):
+        "(path, module) of the innermost module of `model` whose code is running: the first such `self` up the stack."
+        f = sys._getframe(3)
+        while f is not None:
+            code = f.f_code
+            if code.co_argcount and code.co_varnames[0] == 'self':
+                owner = self._modules.get(id(f.f_locals['self']))
+                if owner: return owner
+            f = f.f_back
+        return '', None
 
     def _site(self, label, z):
-        owner = self._stack[-1] if self._stack else None
-        if isinstance(owner, _RELU_MODULES): base, kind = self._names[owner] or 'relu', type(owner).__name__
+        path, owner = self._owner()
+        if isinstance(owner, _RELU_MODULES): base, kind = path or 'relu', type(owner).__name__
         else:
-            path, fn = self._names.get(owner, ''), label.split('.')[-1] + '()'
+            fn = label.split('.')[-1] + '()'
             base, kind = f'{path}.{fn}' if path else fn, label
         k = self._counts[base] = self._counts.get(base, -1) + 1
         site = Site(f"{base}:{k}" if k else base, kind, tuple(z.shape))
@@ -126,7 +134,7 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #684c5317
+# %% ../nbs/01_gates.ipynb #e70ce2e3
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
 def _storage_dtype(z):
@@ -154,7 +162,7 @@ class _SoftReLU(torch.autograd.Function):
         if upper is not None: g = g * ctx.gate((upper - z) * beta)
         return grad * g, None, None, None
 
-# %% ../nbs/01_gates.ipynb #a97a7d31
+# %% ../nbs/01_gates.ipynb #176c8985
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T), keeping only x."
     @staticmethod
@@ -180,7 +188,7 @@ class _SoftMaxPool(torch.autograd.Function):
         gx = F.fold(cols, xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #26ee1137
+# %% ../nbs/01_gates.ipynb #03e39e12
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -217,7 +225,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
     "Inside, every ReLU `model` calls keeps its exact forward and gets the backward gate(z / T) instead of 1[z > 0]."
     with ReluCatcher(model, *_soft_callbacks(temperature, gate, maxpool, layers)) as catcher: yield catcher
 
-# %% ../nbs/01_gates.ipynb #f8525da3
+# %% ../nbs/01_gates.ipynb #e3231b60
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -225,7 +233,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #9b47a44c
+# %% ../nbs/01_gates.ipynb #1a47eabe
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
