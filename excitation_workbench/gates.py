@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_gates', 'relu_sites', 'gated_gradient', 'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #5afa86d5
+# %% ../nbs/01_gates.ipynb #bb2e6807
 import sys, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #7cf74b27
+# %% ../nbs/01_gates.ipynb #2ba80aed
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -30,7 +30,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #6be52373
+# %% ../nbs/01_gates.ipynb #921a822a
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -60,7 +60,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #586fe393
+# %% ../nbs/01_gates.ipynb #cf69c299
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -134,7 +134,7 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #e70ce2e3
+# %% ../nbs/01_gates.ipynb #06f9e29e
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
 def _storage_dtype(z):
@@ -162,7 +162,7 @@ class _SoftReLU(torch.autograd.Function):
         if upper is not None: g = g * ctx.gate((upper - z) * beta)
         return grad * g, None, None, None
 
-# %% ../nbs/01_gates.ipynb #176c8985
+# %% ../nbs/01_gates.ipynb #57e7716a
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T), keeping only x."
     @staticmethod
@@ -183,12 +183,12 @@ class _SoftMaxPool(torch.autograd.Function):
         ew = (wo - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw)
         xp = F.pad(x, (pw, pw + max(ew, 0), ph, ph + max(eh, 0)), value=float('-inf'))
         cols = F.unfold(xp, (kh, kw), dilation=(dh, dw), stride=(sh, sw)).view(n, c, kh * kw, ho * wo)
-        weights = torch.softmax(cols / ctx.temperature, dim=2)
-        cols = (weights * grad.reshape(n, c, 1, ho * wo)).view(n, c * kh * kw, ho * wo)
-        gx = F.fold(cols, xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))[..., ph:ph + h, pw:pw + w]
+        cols = torch.softmax(cols.div_(ctx.temperature), dim=2).mul_(grad.reshape(n, c, 1, ho * wo))  # in place: k*k times x
+        gx = F.fold(cols.view(n, c * kh * kw, ho * wo), xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+        gx = gx[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #03e39e12
+# %% ../nbs/01_gates.ipynb #9101b0df
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -225,7 +225,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
     "Inside, every ReLU `model` calls keeps its exact forward and gets the backward gate(z / T) instead of 1[z > 0]."
     with ReluCatcher(model, *_soft_callbacks(temperature, gate, maxpool, layers)) as catcher: yield catcher
 
-# %% ../nbs/01_gates.ipynb #e3231b60
+# %% ../nbs/01_gates.ipynb #804b8c97
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -233,7 +233,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #1a47eabe
+# %% ../nbs/01_gates.ipynb #6cedbd84
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
