@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['plain_gradient', 'saved_bytes', 'median_seconds', 'peak_bytes', 'benchmark', 'main']
 
-# %% ../nbs/09_bench.ipynb #d0e07317
+# %% ../nbs/09_bench.ipynb #e28c7614
 import time, statistics
 import torch, torch.nn as nn, torchvision
 from fastcore.script import call_parse
 from .gates import excitation_pullback
 
-# %% ../nbs/09_bench.ipynb #3551c57e
+# %% ../nbs/09_bench.ipynb #9b308d70
 def plain_gradient(model, x, target):
     "The baseline: the input gradient of the target logits, prepared the same way as the pullback."
     x0 = x.detach().requires_grad_()
@@ -26,7 +26,7 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): fn()
     return sum(storages.values())
 
-# %% ../nbs/09_bench.ipynb #94dc77f1
+# %% ../nbs/09_bench.ipynb #0410d31d
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
@@ -46,48 +46,39 @@ def peak_bytes(fn, device):
     fn(); _sync(device)
     return torch.cuda.max_memory_allocated(device)
 
-# %% ../nbs/09_bench.ipynb #7a59675b
-def benchmark(model_name='resnet50', batch=2, size=224, temperature=0.3, repeats=5, device='cpu', compile=False):
+# %% ../nbs/09_bench.ipynb #0bd1e416
+def benchmark(model_name='resnet50', batch=2, size=224, temperature=0.3, repeats=5, device='cpu'):
     "Pullback against the plain gradient on one model and batch: a dict of rows, name -> measurements."
     device = torch.device(device)
     torch.manual_seed(0)
     model = getattr(torchvision.models, model_name)().eval().to(device)
     x = torch.rand(batch, 3, size, size, device=device)
-    eager = {'plain gradient': lambda: plain_gradient(model, x, 1),
-             'pullback': lambda: excitation_pullback(model, x, 1, temperature),
-             'pullback, hard max-pool': lambda: excitation_pullback(model, x, 1, temperature, maxpool='hard')}
-    compiled = {}
-    if compile:
-        cmodel = torch.compile(model)
-        compiled = {'plain gradient, compiled': lambda: plain_gradient(cmodel, x, 1),
-                    'pullback, compiled': lambda: excitation_pullback(cmodel, x, 1, temperature)}
-    fns = {**eager, **compiled}
+    fns = {'plain gradient': lambda: plain_gradient(model, x, 1),
+           'pullback': lambda: excitation_pullback(model, x, 1, temperature),
+           'pullback, hard max-pool': lambda: excitation_pullback(model, x, 1, temperature, maxpool='hard')}
     seconds = median_seconds(fns, repeats, device)
     rows = {k: dict(seconds=seconds[k], images_per_s=batch / seconds[k], peak_bytes=peak_bytes(f, device),
-                    saved_bytes=saved_bytes(f) if k in eager else None)  # saved tensors of compiled graphs: not counted
-            for k, f in fns.items()}
-    for k, r in rows.items():
-        ref = rows['plain gradient, compiled' if k in compiled else 'plain gradient']
-        r['time_ratio'] = r['seconds'] / ref['seconds']
-        r['saved_ratio'] = r['saved_bytes'] / ref['saved_bytes'] if k in eager else None
+                    saved_bytes=saved_bytes(f)) for k, f in fns.items()}
+    for r in rows.values():
+        r['time_ratio'] = r['seconds'] / rows['plain gradient']['seconds']
+        r['saved_ratio'] = r['saved_bytes'] / rows['plain gradient']['saved_bytes']
     return rows
 
-# %% ../nbs/09_bench.ipynb #2dc60c17
+# %% ../nbs/09_bench.ipynb #904ec521
 @call_parse
 def main(model:str='resnet50', # a torchvision architecture (random weights: speed does not depend on them)
          batch:int=2,          # batch size
          size:int=224,         # image side
          temperature:float=0.3,
          repeats:int=5,        # timed runs of each function, interleaved
-         device:str=None,      # 'cpu' or 'cuda'; default: cuda when available
-         compile:bool=False):  # also time a torch.compile'd model
+         device:str=None):     # 'cpu' or 'cuda'; default: cuda when available
     "Print the pullback's time and saved-memory ratios against the plain gradient."
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    rows = benchmark(model, batch, size, temperature, repeats, device, compile)
+    rows = benchmark(model, batch, size, temperature, repeats, device)
     name = torch.cuda.get_device_name() if device == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'{model}, batch {batch}, {size}x{size}, T = {temperature}, {name}, torch {torch.__version__}')
     print(f"{'':28}{'s/batch':>9}{'img/s':>9}{'time':>8}{'saved MB':>10}{'saved':>8}{'peak MB':>9}")
     for k, r in rows.items():
         peak = f"{r['peak_bytes'] / 2**20:9.0f}" if r['peak_bytes'] else f"{'-':>9}"
-        saved = f"{r['saved_bytes'] / 2**20:10.1f}{r['saved_ratio']:7.3f}x" if r['saved_bytes'] else f"{'-':>10}{'-':>8}"
-        print(f"{k:28}{r['seconds']:9.3f}{r['images_per_s']:9.1f}{r['time_ratio']:7.3f}x{saved}{peak}")
+        print(f"{k:28}{r['seconds']:9.3f}{r['images_per_s']:9.1f}{r['time_ratio']:7.3f}x"
+              f"{r['saved_bytes'] / 2**20:10.1f}{r['saved_ratio']:7.3f}x{peak}")

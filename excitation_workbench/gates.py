@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_gates', 'relu_sites', 'gated_gradient', 'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #bb2e6807
+# %% ../nbs/01_gates.ipynb #d8f22b73
 import sys, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #2ba80aed
+# %% ../nbs/01_gates.ipynb #56b9d199
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -30,7 +30,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #921a822a
+# %% ../nbs/01_gates.ipynb #b98073c8
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -60,7 +60,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #cf69c299
+# %% ../nbs/01_gates.ipynb #c3c1c257
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -74,7 +74,10 @@ class ReluCatcher:
     "Routes every ReLU call (and max_pool2d call) made while `model` runs to callbacks; `.sites` lists the last forward's."
     def __init__(self, model:nn.Module, on_relu:Callable, on_maxpool:Callable=None, on_forward_end:Callable=None):
         self.on_relu, self.on_maxpool, self.on_forward_end = on_relu, on_maxpool, on_forward_end
-        self.model = getattr(model, '_orig_mod', model)  # torch.compile'd: hook the module it wraps, which it traces
+        if hasattr(model, '_orig_mod'):
+            raise TypeError("a torch.compile'd model cannot be caught: compiled code skips the ReLU catcher, which would "
+                            "silently give the plain gradient; pass the module it wraps, `model._orig_mod`")
+        self.model = model
         self._modules = {id(m): (name, m) for name, m in self.model.named_modules()}
         self.sites, self._counts, self._handles, self._depth = [], {}, [], 0
         self._mode = _Mode(self)
@@ -134,7 +137,7 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #06f9e29e
+# %% ../nbs/01_gates.ipynb #06323c3d
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
 def _storage_dtype(z):
@@ -162,7 +165,7 @@ class _SoftReLU(torch.autograd.Function):
         if upper is not None: g = g * ctx.gate((upper - z) * beta)
         return grad * g, None, None, None
 
-# %% ../nbs/01_gates.ipynb #57e7716a
+# %% ../nbs/01_gates.ipynb #86d378c3
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T), keeping only x."
     @staticmethod
@@ -188,7 +191,7 @@ class _SoftMaxPool(torch.autograd.Function):
         gx = gx[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #9101b0df
+# %% ../nbs/01_gates.ipynb #693193f3
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -225,7 +228,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
     "Inside, every ReLU `model` calls keeps its exact forward and gets the backward gate(z / T) instead of 1[z > 0]."
     with ReluCatcher(model, *_soft_callbacks(temperature, gate, maxpool, layers)) as catcher: yield catcher
 
-# %% ../nbs/01_gates.ipynb #804b8c97
+# %% ../nbs/01_gates.ipynb #7295f358
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -233,7 +236,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #6cedbd84
+# %% ../nbs/01_gates.ipynb #7057ae4a
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
