@@ -6,7 +6,7 @@
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_callbacks', 'soft_gates', 'relu_sites', 'gated_gradient',
            'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #13d23a89
+# %% ../nbs/01_gates.ipynb #ed454e0a
 import sys, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #46223cd0
+# %% ../nbs/01_gates.ipynb #59596969
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -31,7 +31,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #a639369a
+# %% ../nbs/01_gates.ipynb #ce0bb57f
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -47,7 +47,7 @@ _RELU_MODULES = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh
 
 def _relu_args(func, args, kwargs):
     "The bound arguments of a call to a catchable function, or None when it is no ReLU (hardtanh with min != 0)."
-    label, names, defaults = _RELUS[func]
+    _, names, defaults = _RELUS[func]
     p = {'inplace': False, 'min_val': 0.0, 'max_val': None, **defaults, **dict(zip(names, args)), **kwargs}
     return None if p['min_val'] != 0 else p
 
@@ -61,7 +61,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #0ee8c228
+# %% ../nbs/01_gates.ipynb #3402dccf
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -110,7 +110,7 @@ class ReluCatcher:
         while f is not None:
             code = f.f_code
             if code.co_argcount and code.co_varnames[0] == 'self':
-                owner = self._modules.get(id(f.f_locals['self']))
+                owner = self._modules.get(id(f.f_locals.get('self')))
                 if owner: return owner
             f = f.f_back
         return '', None
@@ -138,7 +138,7 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #2bad1bc0
+# %% ../nbs/01_gates.ipynb #db229988
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
 def _storage_dtype(z):
@@ -166,7 +166,7 @@ class _SoftReLU(torch.autograd.Function):
         if upper is not None: g = g * ctx.gate((upper - z) * beta)
         return grad * g, None, None, None
 
-# %% ../nbs/01_gates.ipynb #a9bd09ea
+# %% ../nbs/01_gates.ipynb #7a39dd79
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T), keeping only x."
     @staticmethod
@@ -192,7 +192,7 @@ class _SoftMaxPool(torch.autograd.Function):
         gx = gx[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #1a3629b7
+# %% ../nbs/01_gates.ipynb #0a78b330
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -229,7 +229,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
     "Inside, every ReLU `model` calls keeps its exact forward and gets the backward gate(z / T) instead of 1[z > 0]."
     with ReluCatcher(model, *soft_callbacks(temperature, gate, maxpool, layers)) as catcher: yield catcher
 
-# %% ../nbs/01_gates.ipynb #96601828
+# %% ../nbs/01_gates.ipynb #d3fab6ee
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -237,7 +237,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #aa9f548c
+# %% ../nbs/01_gates.ipynb #79588858
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
