@@ -6,7 +6,7 @@
 __all__ = ['METHODS', 'gradient', 'gradient_x_input', 'smoothgrad', 'integrated_gradients', 'grad_cam', 'guided_backprop',
            'ExcitationPullback', 'Cost', 'cost']
 
-# %% ../nbs/03_attribution.ipynb #5a24ebcb
+# %% ../nbs/03_attribution.ipynb #9bc48b5c
 import time, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from captum.attr import (GradientAttribution, Saliency, InputXGradient, NoiseTun
                          LayerAttribution)
 from .gates import gated_gradient, excitation_pullback, _check_input, _check_sites, _targets
 
-# %% ../nbs/03_attribution.ipynb #d074dc3a
+# %% ../nbs/03_attribution.ipynb #16706286
 def _prepare(x, target):
     "A detached copy of x (requiring grad, which Captum wants) and one target per sample, checked."
     _check_input(x)
@@ -56,7 +56,7 @@ def integrated_gradients(model:nn.Module, x:Tensor, target, # as in `gradient`
     return IntegratedGradients(model).attribute(x, baselines=baseline, target=target, n_steps=steps,
                                                 internal_batch_size=batch_size)
 
-# %% ../nbs/03_attribution.ipynb #d1467bf4
+# %% ../nbs/03_attribution.ipynb #f9a379e0
 def _last_feature_layer(model, x):
     "The last module, in order of finishing, whose output is a feature map [N, C, h, w] with h * w > 1 and that runs once."
     seen, calls = [], {}
@@ -81,7 +81,7 @@ def grad_cam(model:nn.Module, x:Tensor, target, # as in `gradient`
     cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
     return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), 'bilinear').expand_as(x).contiguous()
 
-# %% ../nbs/03_attribution.ipynb #3b8f1a74
+# %% ../nbs/03_attribution.ipynb #571320ab
 class _GuidedReLU(torch.autograd.Function):
     "Exact (clipped) ReLU forward; backward passes grad.clamp(min=0) where the unit was on."
     @staticmethod
@@ -105,7 +105,7 @@ def guided_backprop(model:nn.Module, x:Tensor, target): # as in `gradient`
         return _GuidedReLU.apply(call.z, call)
     return gated_gradient(model, x, target, on_relu, on_forward_end=lambda sites: _check_sites(sites, None))
 
-# %% ../nbs/03_attribution.ipynb #420144e1
+# %% ../nbs/03_attribution.ipynb #01b9c12a
 class ExcitationPullback(GradientAttribution):
     "The excitation pullback as a Captum attribution: `.attribute(inputs, target=...)`."
     def __init__(self, model:nn.Module,        # a ReLU network returning logits [N, classes]
@@ -120,12 +120,17 @@ class ExcitationPullback(GradientAttribution):
         if target is None: raise ValueError('give a target class (an int, or one per sample): the pullback is of a class logit')
         return excitation_pullback(self.forward_func, inputs, target, self.temperature, **self.options)
 
-# %% ../nbs/03_attribution.ipynb #47f6d6b8
+    def __call__(self, model:nn.Module, inputs, targets, device=None): # Quantus passes the device it evaluates on
+        "Quantus' `explain_func` call: numpy (or tensor) inputs and targets in, numpy pullbacks out."
+        x = torch.as_tensor(inputs, dtype=torch.float32, device=device or next(model.parameters()).device)
+        return excitation_pullback(model, x, torch.as_tensor(targets), self.temperature, **self.options).cpu().numpy()
+
+# %% ../nbs/03_attribution.ipynb #8de56bcf
 METHODS = {'gradient': gradient, 'gradient x input': gradient_x_input, 'SmoothGrad': smoothgrad,
            'Integrated Gradients': integrated_gradients, 'Guided Backprop': guided_backprop, 'Grad-CAM': grad_cam,
            'excitation pullback': partial(excitation_pullback, temperature=0.3)}
 
-# %% ../nbs/03_attribution.ipynb #790b2773
+# %% ../nbs/03_attribution.ipynb #5b71aa00
 @dataclass
 class Cost:
     "What one method cost, per input image."
