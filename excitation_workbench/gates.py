@@ -6,7 +6,7 @@
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_callbacks', 'soft_gates', 'relu_sites', 'gated_gradient',
            'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #0a2066d6
+# %% ../nbs/01_gates.ipynb #2c09f40a
 import sys, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #8d5b06fd
+# %% ../nbs/01_gates.ipynb #eb9abe63
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -31,7 +31,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #5923a58a
+# %% ../nbs/01_gates.ipynb #6e1d6226
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -61,7 +61,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #7d9a1203
+# %% ../nbs/01_gates.ipynb #8dadd100
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -138,7 +138,7 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #7d0a1465
+# %% ../nbs/01_gates.ipynb #52d2624f
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
 def _storage_dtype(z):
@@ -168,33 +168,37 @@ class _SoftReLU(torch.autograd.Function):
         if upper is not None: g = g * ctx.gate((upper - z) * beta)
         return grad * g, None, None, None
 
-# %% ../nbs/01_gates.ipynb #90d87799
+# %% ../nbs/01_gates.ipynb #fa11ed2d
 class _SoftMaxPool(torch.autograd.Function):
-    "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T), keeping only x."
+    "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T)."
     @staticmethod
     def forward(ctx, x, p, hard, temperature):
         ctx.p, ctx.temperature = p, temperature
-        ctx.save_for_backward(x)
-        return hard()
+        y = hard()
+        ctx.save_for_backward(x, y)  # y, the output, is kept by the next layer anyway
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        (x,), p = ctx.saved_tensors, ctx.p
+        (x, y), p = ctx.saved_tensors, ctx.p
         unbatched = x.dim() == 3
-        if unbatched: x, grad = x[None], grad[None]
+        if unbatched: x, y, grad = x[None], y[None], grad[None]
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel_size'], p['stride'], p['padding'], p['dilation']
         (n, c, h, w), (ho, wo) = x.shape, grad.shape[-2:]
         # pad with -inf (weight 0) so that every output has a full window, ceil_mode's extra row/column included
         eh = (ho - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph)
         ew = (wo - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw)
-        xp = F.pad(x, (pw, pw + max(ew, 0), ph, ph + max(eh, 0)), value=float('-inf'))
+        pads = (pw, pw + max(ew, 0), ph, ph + max(eh, 0))
+        xp = F.pad(x, pads, value=float('-inf')) if any(pads) else x
         cols = F.unfold(xp, (kh, kw), dilation=(dh, dw), stride=(sh, sw)).view(n, c, kh * kw, ho * wo)
-        cols = torch.softmax(cols.div_(ctx.temperature), dim=2).mul_(grad.reshape(n, c, 1, ho * wo))  # in place: k*k times x
+        # softmax over each window, in place, stabilised by the window's maximum: the forward's output
+        cols.sub_(y.reshape(n, c, 1, ho * wo)).div_(ctx.temperature).exp_()
+        cols.mul_(grad.reshape(n, c, 1, ho * wo) / cols.sum(2, keepdim=True))
         gx = F.fold(cols.view(n, c * kh * kw, ho * wo), xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))
         gx = gx[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #359a92ae
+# %% ../nbs/01_gates.ipynb #ea275469
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -231,7 +235,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
     "Inside, every ReLU `model` calls keeps its exact forward and gets the backward gate(z / T) instead of 1[z > 0]."
     with ReluCatcher(model, *soft_callbacks(temperature, gate, maxpool, layers)) as catcher: yield catcher
 
-# %% ../nbs/01_gates.ipynb #29cd6c76
+# %% ../nbs/01_gates.ipynb #d59270f2
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -239,7 +243,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #19f46178
+# %% ../nbs/01_gates.ipynb #c699bcbb
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
