@@ -6,7 +6,7 @@
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_callbacks', 'soft_gates', 'relu_sites', 'gated_gradient',
            'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #2c09f40a
+# %% ../nbs/01_gates.ipynb #3d340843
 import sys, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #eb9abe63
+# %% ../nbs/01_gates.ipynb #7093dec0
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -31,7 +31,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #6e1d6226
+# %% ../nbs/01_gates.ipynb #3912548d
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -61,7 +61,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #8dadd100
+# %% ../nbs/01_gates.ipynb #c6f1d504
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -138,7 +138,7 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #52d2624f
+# %% ../nbs/01_gates.ipynb #b1b964e4
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
 def _storage_dtype(z):
@@ -168,7 +168,7 @@ class _SoftReLU(torch.autograd.Function):
         if upper is not None: g = g * ctx.gate((upper - z) * beta)
         return grad * g, None, None, None
 
-# %% ../nbs/01_gates.ipynb #fa11ed2d
+# %% ../nbs/01_gates.ipynb #8c5ca782
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T)."
     @staticmethod
@@ -198,7 +198,7 @@ class _SoftMaxPool(torch.autograd.Function):
         gx = gx[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #ea275469
+# %% ../nbs/01_gates.ipynb #212e1dc3
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -235,7 +235,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
     "Inside, every ReLU `model` calls keeps its exact forward and gets the backward gate(z / T) instead of 1[z > 0]."
     with ReluCatcher(model, *soft_callbacks(temperature, gate, maxpool, layers)) as catcher: yield catcher
 
-# %% ../nbs/01_gates.ipynb #d59270f2
+# %% ../nbs/01_gates.ipynb #5d48f921
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -243,7 +243,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #c699bcbb
+# %% ../nbs/01_gates.ipynb #943c1d23
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
