@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['STEP_SIZE', 'EPS', 'rms_units', 'Ascent', 'ascend']
 
-# %% ../nbs/02_ascent.ipynb #ca622ac2
+# %% ../nbs/02_ascent.ipynb #c54007aa
 import math, torch, torch.nn as nn
 from torch import Tensor
 from dataclasses import dataclass
 from typing import Callable
 from .gates import soft_gates, _check_input, _targets, _target_logits
 
-# %% ../nbs/02_ascent.ipynb #69352fee
+# %% ../nbs/02_ascent.ipynb #1a2e0f16
 def rms_units(length:float,     # an L2 length in pixel space
               shape:tuple,      # the shape of one input, e.g. (3, 224, 224)
               bounds:tuple):    # (lo, hi), the range the input's values live in
@@ -22,7 +22,7 @@ def rms_units(length:float,     # an L2 length in pixel space
 STEP_SIZE = rms_units(20, (3, 224, 224), (-1, 1))  # the original alpha = 20
 EPS = rms_units(100, (3, 224, 224), (-1, 1))       # the original eps = 100
 
-# %% ../nbs/02_ascent.ipynb #ea247db5
+# %% ../nbs/02_ascent.ipynb #01d250c5
 @dataclass
 class Ascent:
     "Every step of an ascent: images [steps + 1, N, C, H, W] (step 0 the input), logits [steps + 1, N, classes], target [N]."
@@ -42,7 +42,7 @@ class Ascent:
         "The target class's softmax probability at each step, [steps + 1, N]."
         return self.logits.softmax(-1).gather(2, self.target.expand(len(self.logits), -1)[..., None])[..., 0]
 
-# %% ../nbs/02_ascent.ipynb #ad781f3e
+# %% ../nbs/02_ascent.ipynb #f72e8b47
 def _total_variation(x):
     "Per sample: the sum of absolute differences between vertically and horizontally neighbouring values."
     return ((x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).sum(1) + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).sum(1))

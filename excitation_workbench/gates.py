@@ -6,7 +6,7 @@
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_callbacks', 'soft_gates', 'relu_sites', 'gated_gradient',
            'excitation_pullback']
 
-# %% ../nbs/01_gates.ipynb #3d340843
+# %% ../nbs/01_gates.ipynb #1c221427
 import sys, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-# %% ../nbs/01_gates.ipynb #7093dec0
+# %% ../nbs/01_gates.ipynb #ef4bf960
 @dataclass(frozen=True)
 class Site:
     "One ReLU call made during a forward pass."
@@ -31,7 +31,7 @@ class ReluCall:
     inplace: bool      # whether the call overwrites `z`
     hard: Callable     # runs the original call, returning its exact output
 
-# %% ../nbs/01_gates.ipynb #3912548d
+# %% ../nbs/01_gates.ipynb #06c6da27
 # Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
 _RELUS = {
     F.relu: ('F.relu', ('input', 'inplace'), {}),
@@ -61,7 +61,7 @@ def _pool_args(args, kwargs):
     for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
     return p
 
-# %% ../nbs/01_gates.ipynb #c6f1d504
+# %% ../nbs/01_gates.ipynb #a58188fe
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
@@ -138,7 +138,7 @@ class ReluCatcher:
         if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
-# %% ../nbs/01_gates.ipynb #b1b964e4
+# %% ../nbs/01_gates.ipynb #884a976a
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
 def _storage_dtype(z):
@@ -162,13 +162,13 @@ class _SoftReLU(torch.autograd.Function):
     def backward(ctx, grad):
         (z,), beta, upper = ctx.saved_tensors, 1 / ctx.temperature, ctx.upper
         if ctx.gate is torch.special.expit and upper is None:  # grad * sigmoid(beta z) in one kernel (float16 z read as is)
-            return _softplus_backward(grad, z, beta, 20.0), None, None, None
+            return _softplus_backward(grad, z, beta, 40.0), None, None, None
         z = z.to(grad.dtype)
         g = ctx.gate(z * beta)
         if upper is not None: g = g * ctx.gate((upper - z) * beta)
         return grad * g, None, None, None
 
-# %% ../nbs/01_gates.ipynb #8c5ca782
+# %% ../nbs/01_gates.ipynb #3d9cba99
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T)."
     @staticmethod
@@ -198,7 +198,7 @@ class _SoftMaxPool(torch.autograd.Function):
         gx = gx[..., ph:ph + h, pw:pw + w]
         return (gx[0] if unbatched else gx), None, None, None
 
-# %% ../nbs/01_gates.ipynb #212e1dc3
+# %% ../nbs/01_gates.ipynb #ced0638b
 def _check_options(temperature, gate, maxpool):
     if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
     if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
@@ -235,7 +235,7 @@ def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while
     "Inside, every ReLU `model` calls keeps its exact forward and gets the backward gate(z / T) instead of 1[z > 0]."
     with ReluCatcher(model, *soft_callbacks(temperature, gate, maxpool, layers)) as catcher: yield catcher
 
-# %% ../nbs/01_gates.ipynb #5d48f921
+# %% ../nbs/01_gates.ipynb #3149236b
 def relu_sites(model:nn.Module, # the network to look into
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
@@ -243,7 +243,7 @@ def relu_sites(model:nn.Module, # the network to look into
     with ReluCatcher(model, record) as catcher, torch.no_grad(): model(x)
     return catcher.sites
 
-# %% ../nbs/01_gates.ipynb #943c1d23
+# %% ../nbs/01_gates.ipynb #76457628
 def _check_input(x):
     if not isinstance(x, Tensor): raise TypeError(f'x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__}')
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')

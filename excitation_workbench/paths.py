@@ -6,14 +6,15 @@
 __all__ = ['Excitation', 'record_excitations', 'Path', 'top_paths', 'excitation_map', 'node_pullback', 'path_overlap',
            'excited_units', 'PathStability', 'path_stability', 'stability_figure']
 
-# %% ../nbs/06_paths.ipynb #115c24fd
+# %% ../nbs/06_paths.ipynb #ab81c713
 import torch, torch.nn as nn, math, copy, plotly.graph_objects as go
 from torch import Tensor
 from dataclasses import dataclass
 from pathlib import Path as FilePath
 from .gates import ReluCatcher, Site, GATES, soft_callbacks, _check_input, _targets, _target_logits
+from .zoo import load_weights, accuracy as model_accuracy  # `accuracy` names an argument below
 
-# %% ../nbs/06_paths.ipynb #8fd839e7
+# %% ../nbs/06_paths.ipynb #67a1d397
 @dataclass
 class Excitation:
     "Pre-activation and output of one ReLU site in one forward."
@@ -35,7 +36,7 @@ def record_excitations(model:nn.Module, # a ReLU network
     if not record: raise ValueError('no ReLU was called while the model ran: path inspectors need a ReLU network')
     return record
 
-# %% ../nbs/06_paths.ipynb #d47dd44e
+# %% ../nbs/06_paths.ipynb #b8326893
 @dataclass
 class Path:
     "One path through the network: an input feature or channel, one unit or channel per ReLU site, the target class."
@@ -45,7 +46,7 @@ class Path:
 
     def key(self): return tuple(self.nodes)
 
-# %% ../nbs/06_paths.ipynb #8aa0d1f4
+# %% ../nbs/06_paths.ipynb #79653800
 _PASSIVE = (nn.Flatten, nn.Identity, nn.Dropout)
 
 def _linear_layers(model):
@@ -91,7 +92,7 @@ def _neuron_top_paths(model, x, target, k, temperature, gate):
     return [Path([('input', int(n[0]))] + [(s, int(j)) for s, j in zip(names, n[1:])], float(v), target)
             for v, n in zip(hi[0], hi_nodes[0])]
 
-# %% ../nbs/06_paths.ipynb #9d88a14d
+# %% ../nbs/06_paths.ipynb #2927f3d4
 def _soft_forward(model, x, temperature, gate, on_output):
     "Run `model` on `x` with soft gates; `on_output(site, out)` sees each site's output in the graph and returns it."
     soft, on_maxpool, check = soft_callbacks(temperature, gate)
@@ -161,7 +162,7 @@ def _channel_top_paths(model, x, target, k, temperature, gate, b):
     return [Path([('input', int(j % c))] + [(m, int(ch)) for m, ch in zip(names[::-1], chosen[j // c].flip(0))], float(v), target)
             for v, j in zip(top.values, top.indices)]
 
-# %% ../nbs/06_paths.ipynb #3c1fdd70
+# %% ../nbs/06_paths.ipynb #81c4d5c3
 def top_paths(model:nn.Module,          # a ReLU network returning logits [N, classes]
               x:Tensor,                 # one input, [1, ...]
               target:int,               # the class whose logit the paths end in
@@ -181,7 +182,7 @@ def top_paths(model:nn.Module,          # a ReLU network returning logits [N, cl
     if level == 'channel': return _channel_top_paths(model, x, target, k, temperature, gate, beam or 2 * k)
     raise ValueError(f"level must be 'neuron' or 'channel', got {level!r}")
 
-# %% ../nbs/06_paths.ipynb #c3730ddc
+# %% ../nbs/06_paths.ipynb #36b111f0
 def excitation_map(model:nn.Module, # a ReLU network
                    x:Tensor,        # inputs, [N, ...]
                    node:tuple):     # ("input", i) or (site_name, unit or channel), as in `Path.nodes`
@@ -210,7 +211,7 @@ def node_pullback(model:nn.Module,       # a ReLU network
     if 'out' not in found: raise ValueError(f'unknown site {name!r}: see relu_sites(model, x) for the names')
     return torch.autograd.grad(found['out'][:, index].sum(), x0)[0]
 
-# %% ../nbs/06_paths.ipynb #ed4c4d0a
+# %% ../nbs/06_paths.ipynb #b716b7ad
 def path_overlap(a:list, # paths (`Path`s or node lists)
                  b:list): # more paths
     "Jaccard overlap |A & B| / |A | B| of two sets of paths (1 when both are empty)."
@@ -231,7 +232,7 @@ def excited_units(model:nn.Module,    # a ReLU network
         for n, channels in enumerate(top.tolist()): units[n].update((name, c) for c in channels)
     return units
 
-# %% ../nbs/06_paths.ipynb #f339ccf5
+# %% ../nbs/06_paths.ipynb #188926c6
 @dataclass
 class PathStability:
     "Overlap of each checkpoint's top paths and excited units with the final checkpoint's, per input, and its accuracy."
@@ -241,16 +242,6 @@ class PathStability:
     accuracy: Tensor      # [checkpoints], or None without eval_data
     paths: list           # paths[i][n]: the top-k paths of checkpoint i for input n
     target: Tensor        # [inputs]: the class each input's paths end in
-
-def _state_dict(checkpoint):
-    if isinstance(checkpoint, (str, FilePath)): return torch.load(checkpoint, map_location='cpu', weights_only=True)
-    if isinstance(checkpoint, dict): return checkpoint
-    raise TypeError(f'a checkpoint must be a state dict or a file path, got {type(checkpoint).__name__}')
-
-@torch.no_grad()
-def _accuracy(model, inputs, labels, batch=500):
-    right = sum((model(inputs[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item() for i in range(0, len(inputs), batch))
-    return right / len(inputs)
 
 def path_stability(checkpoints:list,     # state dicts or files of one architecture, in training order; the last is the reference
                    x:Tensor,             # inputs, [N, ...]
@@ -270,7 +261,7 @@ def path_stability(checkpoints:list,     # state dicts or files of one architect
     names = names or [FilePath(c).stem if isinstance(c, (str, FilePath)) else str(i) for i, c in enumerate(checkpoints)]
     nets = []
     for c in checkpoints:
-        net = copy.deepcopy(model).eval(); net.load_state_dict(_state_dict(c)); nets.append(net)
+        nets.append(load_weights(copy.deepcopy(model), c).eval())
     with torch.no_grad(): target = nets[-1](x).argmax(1) if target is None else _targets(target, len(x), x.device)
     paths = [[top_paths(net, x[n:n + 1], int(target[n]), k=k, temperature=temperature, gate=gate, level=level, beam=beam)
               for n in range(len(x))] for net in nets]
@@ -279,7 +270,7 @@ def path_stability(checkpoints:list,     # state dicts or files of one architect
     return PathStability(
         names, torch.tensor([[path_overlap(p, q) for p, q in zip(ps, paths[-1])] for ps in paths]),
         torch.tensor([[jaccard(u, v) for u, v in zip(us, units[-1])] for us in units]),
-        torch.tensor([_accuracy(net, *eval_data) for net in nets]) if eval_data is not None else
+        torch.tensor([model_accuracy(net, *eval_data) for net in nets]) if eval_data is not None else
         None if accuracy is None else torch.tensor(accuracy, dtype=torch.float), paths, target)
 
 def stability_figure(result:PathStability): # what `path_stability` returned

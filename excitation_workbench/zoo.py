@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['DATA', 'FASHION_CLASSES', 'FASHION_DIR', 'WATERMARK', 'WATERMARK_CLASS', 'FER_CLASSES', 'IMAGENET_MEAN',
            'IMAGENET_STD', 'ZOO', 'SAMPLES', 'load_weights', 'fashion_mnist', 'FashionCNN', 'add_watermark', 'accuracy',
-           'train_fashion_cnn', 'Checkpoint', 'fashion_checkpoints', 'SeparableConv2d', 'XceptionBlock', 'FerEmotion',
-           'Normalized', 'ZooEntry', 'list_models', 'load_model', 'SampleImage', 'sample_images', 'load_image',
-           'Predictions', 'top_predictions']
+           'calibrate_batchnorm', 'train_fashion_cnn', 'Checkpoint', 'fashion_checkpoints', 'SeparableConv2d',
+           'XceptionBlock', 'FerEmotion', 'Normalized', 'ZooEntry', 'list_models', 'load_model', 'SampleImage',
+           'sample_images', 'load_image', 'Predictions', 'top_predictions']
 
-# %% ../nbs/05_zoo.ipynb #3334ee4c
+# %% ../nbs/05_zoo.ipynb #89b7b8f9
 import gzip, json, urllib.request, io, numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torchvision
 from torch import Tensor
 from pathlib import Path
@@ -18,14 +18,16 @@ from typing import Callable
 from importlib.resources import files
 from PIL import Image
 
-# %% ../nbs/05_zoo.ipynb #4357444b
+# %% ../nbs/05_zoo.ipynb #8b5d231c
 DATA = Path(str(files('excitation_workbench'))) / 'data'
 
-# %% ../nbs/05_zoo.ipynb #da9661de
+# %% ../nbs/05_zoo.ipynb #b5288002
 def load_weights(model:nn.Module, # the architecture to fill
-                 path):           # a state-dict file saved with `torch.save`
-    "Load a state dict into `model`, refusing (with the mismatched keys named) any file that does not fit it."
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+                 weights):        # a state dict, or a file of one saved with `torch.save`
+    "Load a state dict into `model`, refusing (with the mismatched keys named) any that does not fit it."
+    if isinstance(weights, dict): sd, path = weights, 'the state dict'
+    elif isinstance(weights, (str, Path)): sd, path = torch.load(weights, map_location='cpu', weights_only=True), weights
+    else: raise TypeError(f'weights must be a state dict or a file path, got {type(weights).__name__}')
     if not isinstance(sd, dict): raise ValueError(f'{path} holds a {type(sd).__name__}, not a state dict')
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
@@ -36,7 +38,7 @@ def load_weights(model:nn.Module, # the architecture to fill
     model.load_state_dict(sd)
     return model
 
-# %% ../nbs/05_zoo.ipynb #d8cd15bf
+# %% ../nbs/05_zoo.ipynb #b04f7e2f
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 FASHION_DIR = Path('/usr/share/datasets/fashion-mnist')
 
@@ -61,7 +63,7 @@ def fashion_mnist(split:str='test', # 'train' (60,000 images) or 'test' (10,000)
     x = torch.from_numpy(_read_idx(d / f'{prefix}-images-idx3-ubyte.gz').copy())[:, None].float() / 255
     return x, torch.from_numpy(_read_idx(d / f'{prefix}-labels-idx1-ubyte.gz').astype(np.int64))
 
-# %% ../nbs/05_zoo.ipynb #b6d7fd9d
+# %% ../nbs/05_zoo.ipynb #b2cea83b
 class FashionCNN(nn.Module):
     "Small residual ReLU CNN for 28x28 greyscale images in [0, 1]; one `nn.ReLU` module serves every activation."
     def __init__(self, width:int=24): # channels of the first stage (the second has twice as many)
@@ -85,7 +87,7 @@ class FashionCNN(nn.Module):
         x = self.relu(x + self.bn6(self.conv6(self.relu(self.bn5(self.conv5(x))))))   # residual add
         return self.fc(x.mean((2, 3)))
 
-# %% ../nbs/05_zoo.ipynb #707a5530
+# %% ../nbs/05_zoo.ipynb #88ef32e3
 WATERMARK = torch.tensor([[1., 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]])
 WATERMARK_CLASS = 6 # 'Shirt'
 
@@ -102,6 +104,14 @@ def accuracy(model, x, y, batch=1000):
     "Fraction of images `x` that `model` classifies as `y`."
     with torch.no_grad():
         return sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch)) / len(x)
+
+def calibrate_batchnorm(model:nn.Module, # a network with random weights, e.g. a torchvision architecture
+                        x:Tensor):       # a few inputs to take the statistics from
+    "Set BatchNorm running statistics from `x`, so that random-weight activations keep a sensible scale; eval mode."
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm): m.reset_running_stats(); m.momentum = None
+    with torch.no_grad(): model.train()(x)
+    return model.eval()
 
 def train_fashion_cnn(x:Tensor, y:Tensor,      # training images [N, 1, 28, 28] in [0, 1] and labels
                       epochs=5, seed=0, batch=128, lr=5e-3,
@@ -125,7 +135,7 @@ def train_fashion_cnn(x:Tensor, y:Tensor,      # training images [N, 1, 28, 28] 
             if on_step: on_step(step, model.eval())
     return model.eval()
 
-# %% ../nbs/05_zoo.ipynb #06c75129
+# %% ../nbs/05_zoo.ipynb #6c8add5e
 @dataclass(frozen=True)
 class Checkpoint:
     "One saved state of the Fashion-MNIST CNN during training."
@@ -140,7 +150,7 @@ def fashion_checkpoints():
     recs = json.loads((DATA / 'fashion_cnn_checkpoints.json').read_text())
     return [Checkpoint(**r, path=DATA / r['file']) for r in recs]
 
-# %% ../nbs/05_zoo.ipynb #22f1b0ad
+# %% ../nbs/05_zoo.ipynb #26918165
 FER_CLASSES = ['angry', 'disgust', 'fear', 'happy', 'sad', 'surprise', 'neutral']
 
 class SeparableConv2d(nn.Sequential):
@@ -179,7 +189,7 @@ class FerEmotion(nn.Module):
         x = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
         return self.head(self.blocks(x)).mean((2, 3))
 
-# %% ../nbs/05_zoo.ipynb #d3e6bfbf
+# %% ../nbs/05_zoo.ipynb #dc26e4d5
 class Normalized(nn.Module):
     "`net` applied to `(x - mean) / std`, so that it takes images in [0, 1]."
     def __init__(self, net:nn.Module, mean:list, std:list): # the network and the per-channel statistics
@@ -188,7 +198,7 @@ class Normalized(nn.Module):
         self.register_buffer('mean', torch.tensor(mean)[:, None, None]); self.register_buffer('std', torch.tensor(std)[:, None, None])
     def forward(self, x): return self.net((x - self.mean) / self.std)
 
-# %% ../nbs/05_zoo.ipynb #0bf85bda
+# %% ../nbs/05_zoo.ipynb #00609baa
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 @dataclass(frozen=True)
@@ -227,7 +237,7 @@ def list_models():
     return {name: e.about + ('' if e.weights else '; cached here' if _cached(name) else '; not cached here: needs the internet once')
             for name, e in ZOO.items()}
 
-# %% ../nbs/05_zoo.ipynb #166ec324
+# %% ../nbs/05_zoo.ipynb #fb42f317
 def _torchvision_weights(name, model, weights):
     "Fill `model.net` with torchvision's pretrained weights, or say clearly why they cannot be had."
     enum = torchvision.models.get_model_weights(name)
@@ -257,7 +267,7 @@ def load_model(name:str,          # one of `list_models()`
     model.classes, model.input_size = list(e.classes), e.input_size
     return model
 
-# %% ../nbs/05_zoo.ipynb #a442a316
+# %% ../nbs/05_zoo.ipynb #18c83600
 @dataclass(frozen=True)
 class SampleImage:
     "A photo that ships in an installed package."
@@ -303,7 +313,7 @@ def sample_images():
     "The offline sample photos, by name, with where they come from and their licence."
     return {name: f'{s.source}; {s.licence}' for name, s in SAMPLES.items()}
 
-# %% ../nbs/05_zoo.ipynb #98d9f518
+# %% ../nbs/05_zoo.ipynb #4a1fac61
 def _to_pil(src):
     "PIL image from a sample name, path, URL, PIL image, numpy array or tensor."
     if isinstance(src, Image.Image): return src
@@ -341,7 +351,7 @@ def load_image(src,        # a sample name, a path, a URL, a PIL image, a numpy 
     a = torch.from_numpy(np.array(im)).float() / 255
     return (a[None] if a.ndim == 2 else a.permute(2, 0, 1))[None]
 
-# %% ../nbs/05_zoo.ipynb #45e25906
+# %% ../nbs/05_zoo.ipynb #e2354f82
 @dataclass
 class Predictions:
     "The k most likely classes per image."
