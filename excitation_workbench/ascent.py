@@ -13,9 +13,9 @@ from typing import Callable
 from .gates import soft_gates, _check_input, _targets, _target_logits
 
 # %% ../nbs/02_ascent.ipynb #1a2e0f16
-def rms_units(length:float,     # an L2 length in pixel space
+def rms_units(length:float,     # an L2 length in pixel space, in the units of the values
               shape:tuple,      # the shape of one input, e.g. (3, 224, 224)
-              bounds:tuple):    # (lo, hi), the range the input's values live in
+              bounds:tuple):    # (lo, hi), the range the input's values live in, e.g. (-1, 1)
     "An L2 length as a per-value RMS change in units of the bounds' range."
     return length / ((bounds[1] - bounds[0]) * math.sqrt(math.prod(shape)))
 
@@ -51,20 +51,22 @@ def _per_sample(v, x):
     "A per-sample scalar [N] shaped to broadcast against x."
     return v.view(-1, *[1] * (x.dim() - 1))
 
-def ascend(model:nn.Module,            # a ReLU network returning logits [N, classes]
+def ascend(model:nn.Module,            # a ReLU network returning logits [N, classes], in eval mode
            x:Tensor,                   # images [N, C, H, W] within `bounds`
            target,                     # the class to push up: an int for all, or one per sample
            *,
-           steps:int=5,                # number of steps
-           temperature:float=0.3,      # T of the soft gates
-           gate:str='sigmoid', maxpool:str='soft', layers:list=None, # as in `soft_gates`
-           step_size:float=STEP_SIZE,  # length of each step, as a per-value RMS in units of the bounds' range
-           eps:float=EPS,              # radius of the ball the total change stays in, same units
-           tv:float=0.0,               # weight of the total-variation penalty
-           l2:float=0.0,               # weight of the ||x - x0||^2 penalty
-           bounds:tuple=(0, 1),        # (lo, hi): images are clamped to it after each step
+           steps:int=5,                # number of steps (the original: 5)
+           temperature:float=0.3,      # T of the soft gates, in units of the pre-activations (the original demo: 0.3)
+           gate:str='sigmoid',         # 'sigmoid' or 'normal_cdf', as in `soft_gates`
+           maxpool:str='soft',         # 'soft' or 'hard', as in `soft_gates`
+           layers:list=None,           # the ReLU sites to soften, as in `soft_gates`; None: all
+           step_size:float=STEP_SIZE,  # length of each step: the RMS change per value, in units of the bounds' range; the default 0.0258 is the original alpha = 20 on 3x224x224 in [-1, 1]
+           eps:float=EPS,              # radius of the L2 ball the total change stays in, same units; the default 0.129 is the original eps = 100
+           tv:float=0.0,               # weight of the total-variation penalty (0: none)
+           l2:float=0.0,               # weight of the ||x - x0||^2 penalty (0: none)
+           bounds:tuple=(0, 1),        # (lo, hi): the range of the images' values; they are clamped to it after each step
            callback:Callable=None):    # called as callback(step, images, logits) after each step, step 0 included
-    "Gradient ascent on the target logit along excitation pullbacks; returns every step as an `Ascent`."
+    "Gradient ascent on the target logit along excitation pullbacks (steps in RMS units of the bounds' range); every step, as an `Ascent`."
     _check_input(x)
     lo, hi = bounds
     if not lo < hi: raise ValueError(f'bounds must be (lo, hi) with lo < hi, got {bounds!r}')

@@ -13,48 +13,68 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 from captum.log import log_usage
-from captum.attr import (GradientAttribution, Saliency, InputXGradient, NoiseTunnel, IntegratedGradients, LayerGradCam,
-                         LayerAttribution)
-from .gates import gated_gradient, excitation_pullback, _check_input, _check_sites, _targets
+from captum.attr import GradientAttribution, Saliency, InputXGradient, IntegratedGradients, LayerGradCam, LayerAttribution
+from .gates import gated_gradient, excitation_pullback
+from .gates import _check_eval, _check_input, _check_logits, _check_sites, _targets
 
 # %% ../nbs/03_attribution.ipynb #16706286
-def _prepare(x, target):
-    "A detached copy of x (requiring grad, which Captum wants) and one target per sample, checked."
+def _prepare(model, x, target):
+    "The model as a forward that checks its logits, a detached copy of x requiring grad (Captum wants it), one target per sample."
+    _check_eval(model)  # before any forward: in training mode, BatchNorm's running statistics would change
     _check_input(x)
-    return x.detach().clone().requires_grad_(), _targets(target, len(x), x.device)
+    target = _targets(target, len(x), x.device)
+    def forward(inputs): # Captum would index the logits with a class out of range: a bare IndexError
+        logits = model(inputs)
+        _check_logits(logits, len(inputs))
+        bad = target[(target < 0) | (target >= logits.shape[1])]
+        if len(bad): raise ValueError(f'target class(es) {bad.tolist()} out of range for {logits.shape[1]} classes')
+        return logits
+    return forward, x.detach().clone().requires_grad_(), target
 
 def gradient(model:nn.Module, # a network returning logits [N, classes]
              x:Tensor,        # inputs [N, C, H, W]
              target):         # class: an int for all samples, or one per sample
     "The plain input gradient of the target logit."
-    x, target = _prepare(x, target)
-    return Saliency(model).attribute(x, target=target, abs=False)
+    forward, x, target = _prepare(model, x, target)
+    return Saliency(forward).attribute(x, target=target, abs=False)
 
-def gradient_x_input(model:nn.Module, x:Tensor, target): # as in `gradient`
+def gradient_x_input(model:nn.Module, # a network returning logits [N, classes]
+                     x:Tensor,        # inputs [N, C, H, W]
+                     target):         # class: an int for all samples, or one per sample
     "The input gradient times the input."
-    x, target = _prepare(x, target)
-    return InputXGradient(model).attribute(x, target=target)
+    forward, x, target = _prepare(model, x, target)
+    return InputXGradient(forward).attribute(x, target=target)
 
-def smoothgrad(model:nn.Module, x:Tensor, target, # as in `gradient`
+def smoothgrad(model:nn.Module, # a network returning logits [N, classes]
+               x:Tensor,        # inputs [N, C, H, W]
+               target,          # class: an int for all samples, or one per sample
                *,
-               samples:int=25,         # noisy copies per input
-               sigma:float=0.15,       # noise standard deviation, in units of the input's range (x.max() - x.min())
-               batch_size:int=None):   # copies per forward pass; None: all at once
-    "SmoothGrad: the input gradient averaged over noisy copies of the input."
-    x, target = _prepare(x, target)
-    stdev = sigma * (x.max() - x.min()).item()
-    return NoiseTunnel(Saliency(model)).attribute(x, nt_type='smoothgrad', nt_samples=samples, stdevs=stdev,
-                                                  nt_samples_batch_size=batch_size, target=target, abs=False)
+               samples:int=25,       # noisy copies per input
+               sigma:float=0.15,     # noise standard deviation, in units of each input's own range (its max - min)
+               batch_size:int=None): # noisy copies of each input per forward pass; None: all `samples` at once
+    "SmoothGrad: the input gradient averaged over noisy copies of each input, the noise scaled to that input's range."
+    forward, x, target = _prepare(model, x, target)
+    flat = x.detach().flatten(1)
+    std = (sigma * (flat.amax(1) - flat.amin(1))).view(-1, *[1] * (x.dim() - 1))   # [N, 1, ...]: per input, as in the paper
+    # each input's own draws, in order, so that an input's noise does not depend on the batch it is in
+    noise = torch.stack([torch.randn(samples, *x.shape[1:], dtype=x.dtype, device=x.device) for _ in range(len(x))], 1)
+    total = torch.zeros_like(x)
+    for chunk in (x.detach() + noise * std).split(batch_size or samples):  # [b, N, ...]
+        g = Saliency(forward).attribute(chunk.flatten(0, 1).requires_grad_(), target=target.repeat(len(chunk)), abs=False)
+        total += g.view(len(chunk), *x.shape).sum(0)
+    return total / samples
 
-def integrated_gradients(model:nn.Module, x:Tensor, target, # as in `gradient`
+def integrated_gradients(model:nn.Module, # a network returning logits [N, classes]
+                         x:Tensor,        # inputs [N, C, H, W]
+                         target,          # class: an int for all samples, or one per sample
                          *,
-                         steps:int=50,            # points on the path (Gauss-Legendre)
-                         baseline:float|Tensor=0.0, # the path's start: a value or a tensor like x
-                         batch_size:int=None):    # path points per forward pass; None: all at once
+                         steps:int=50,              # points on the path (Gauss-Legendre)
+                         baseline:float|Tensor=0.0, # the path's start: a value, or a tensor shaped like x; default black
+                         batch_size:int=None):      # rows (path points times inputs) per forward pass; None: all at once
     "Integrated Gradients from `baseline` to x."
-    x, target = _prepare(x, target)
-    return IntegratedGradients(model).attribute(x, baselines=baseline, target=target, n_steps=steps,
-                                                internal_batch_size=batch_size)
+    forward, x, target = _prepare(model, x, target)
+    return IntegratedGradients(forward).attribute(x, baselines=baseline, target=target, n_steps=steps,
+                                                  internal_batch_size=batch_size)
 
 # %% ../nbs/03_attribution.ipynb #f9a379e0
 def _last_feature_layer(model, x):
@@ -72,13 +92,15 @@ def _last_feature_layer(model, x):
     if not once: raise ValueError('no module outputs a feature map [N, C, h, w] with h * w > 1: pass Grad-CAM a `layer`')
     return once[-1]
 
-def grad_cam(model:nn.Module, x:Tensor, target, # as in `gradient`
+def grad_cam(model:nn.Module, # a network returning logits [N, classes]
+             x:Tensor,        # inputs [N, C, H, W]
+             target,          # class: an int for all samples, or one per sample
              *,
              layer:nn.Module=None): # the layer whose output is weighed; None: the last feature-map module (see above)
     "Grad-CAM at `layer`, upsampled bilinearly to the input's size and repeated over its channels."
-    x, target = _prepare(x, target)
+    forward, x, target = _prepare(model, x, target)
     layer = layer or _last_feature_layer(model, x)
-    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    cam = LayerGradCam(forward, layer).attribute(x, target=target, relu_attributions=True)
     return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), 'bilinear').expand_as(x).contiguous()
 
 # %% ../nbs/03_attribution.ipynb #571320ab
@@ -98,7 +120,9 @@ class _GuidedReLU(torch.autograd.Function):
         (on,) = ctx.saved_tensors
         return grad.clamp(min=0) * on, None
 
-def guided_backprop(model:nn.Module, x:Tensor, target): # as in `gradient`
+def guided_backprop(model:nn.Module, # a ReLU network returning logits [N, classes]
+                    x:Tensor,        # inputs [N, C, H, W]
+                    target):         # class: an int for all samples, or one per sample
     "Guided Backprop: at every ReLU the model calls, only positive gradients through active units pass back."
     def on_relu(site, call):
         if not (torch.is_grad_enabled() and call.z.requires_grad): return call.hard()
@@ -110,19 +134,26 @@ class ExcitationPullback(GradientAttribution):
     "The excitation pullback as a Captum attribution: `.attribute(inputs, target=...)`."
     def __init__(self, model:nn.Module,        # a ReLU network returning logits [N, classes]
                  temperature:float=0.3,        # T of the soft gates
-                 gate:str='sigmoid', maxpool:str='soft', layers:list=None): # as in `soft_gates`
+                 gate:str='sigmoid',           # 'sigmoid' or 'normal_cdf', as in `soft_gates`
+                 maxpool:str='soft',           # 'soft' or 'hard', as in `soft_gates`
+                 layers:list=None):            # the ReLU sites to soften, as in `soft_gates`; None: all
         super().__init__(model)
         self.temperature, self.options = temperature, dict(gate=gate, maxpool=maxpool, layers=layers)
 
     @log_usage()  # Captum's no-op decorator: NoiseTunnel calls `attribute.__wrapped__`
-    def attribute(self, inputs:Tensor, target=None):
+    def attribute(self, inputs:Tensor, # inputs [N, C, H, W]
+                  target=None):    # class: an int for all samples, or one per sample (required)
         "The pullback of each sample's target logit; `target` as in Captum (an int, a list or a tensor of classes)."
         if target is None: raise ValueError('give a target class (an int, or one per sample): the pullback is of a class logit')
         return excitation_pullback(self.forward_func, inputs, target, self.temperature, **self.options)
 
-    def __call__(self, model:nn.Module, inputs, targets, device=None): # Quantus passes the device it evaluates on
+    def __call__(self, model:nn.Module, # the model Quantus evaluates
+                 inputs,            # numpy array (or tensor) of inputs [N, C, H, W]
+                 targets,           # their classes, [N]
+                 device=None):      # where to compute; None: the model's device (cpu for a model without parameters)
         "Quantus' `explain_func` call: numpy (or tensor) inputs and targets in, numpy pullbacks out."
-        x = torch.as_tensor(inputs, dtype=torch.float32, device=device or next(model.parameters()).device)
+        if device is None: device = next((p.device for p in model.parameters()), None) # None: where the inputs are (numpy: cpu)
+        x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
         return excitation_pullback(model, x, torch.as_tensor(targets), self.temperature, **self.options).cpu().numpy()
 
 # %% ../nbs/03_attribution.ipynb #8de56bcf
@@ -138,10 +169,12 @@ class Cost:
     backwards: float  # backward passes
     seconds: float    # wall-clock seconds
 
-def cost(method:Callable, # called as method(model, x, target, **kwargs)
-         model:nn.Module, x:Tensor, target,
-         repeat:int=3,     # runs; the seconds are the fastest run's (the others see caches warming, or other work)
-         **kwargs):
+def cost(method:Callable,  # called as method(model, x, target, **kwargs), e.g. a value of `METHODS`
+         model:nn.Module,   # the network, as the method takes it
+         x:Tensor,          # inputs [N, C, H, W]
+         target,            # class: an int for all samples, or one per sample
+         repeat:int=3,      # runs; the seconds are the fastest run's (the others see caches warming, or other work)
+         **kwargs):         # passed on to `method`
     "Run `method`; count the model's forward and backward passes per image, and the seconds per image."
     rows, seconds = {}, []
     def count(m, args, out):

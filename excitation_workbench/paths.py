@@ -11,7 +11,8 @@ import torch, torch.nn as nn, math, copy, plotly.graph_objects as go
 from torch import Tensor
 from dataclasses import dataclass
 from pathlib import Path as FilePath
-from .gates import ReluCatcher, Site, GATES, soft_callbacks, _check_input, _targets, _target_logits
+from .gates import ReluCatcher, Site, GATES, soft_callbacks
+from .gates import _Gates, _check_eval, _check_input, _targets, _target_logits
 from .zoo import load_weights, accuracy as model_accuracy  # `accuracy` names an argument below
 
 # %% ../nbs/06_paths.ipynb #67a1d397
@@ -132,8 +133,6 @@ def _take(t, rows, b):
 
 def _channel_top_paths(model, x, target, k, temperature, gate, b):
     "Top-k channel paths by beam search from the output back to the input; scores are the exact masked contributions."
-    if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))):
-        raise ValueError("the model's BatchNorm or Dropout is in training mode: call model.eval() first")
     a = _open_jvp(model, x, temperature, gate)
     # the beam runs as a batch of b copies of x; the graph is cut at every site, so that the gradient at a site's output is
     # one backward through the segments that consume it, from the masked gradients already known at the later sites
@@ -163,20 +162,20 @@ def _channel_top_paths(model, x, target, k, temperature, gate, b):
             for v, j in zip(top.values, top.indices)]
 
 # %% ../nbs/06_paths.ipynb #81c4d5c3
-def top_paths(model:nn.Module,          # a ReLU network returning logits [N, classes]
+def top_paths(model:nn.Module,          # a ReLU network returning logits [N, classes], in eval mode
               x:Tensor,                 # one input, [1, ...]
               target:int,               # the class whose logit the paths end in
               *,
               k:int=10,                 # how many paths
-              temperature:float=0.3,    # T in gate(z / T)
+              temperature:float=0.3,    # T in gate(z / T), in units of the pre-activations z
               gate:str='sigmoid',       # 'sigmoid' or 'normal_cdf', as in `soft_gates`
               level:str='neuron',       # 'neuron': exact, for Linear/ReLU nets; 'channel': beam search, any ReLU net
               beam:int=None):           # beam width for level='channel' (default 2k)
     "The k paths with the largest contribution to the `target` logit for one input, best first."
+    _check_eval(model)  # before the forward below: in training mode it would change BatchNorm's running statistics
     _check_input(x)
     if len(x) != 1: raise ValueError(f'top_paths takes one input, got a batch of {len(x)}: pass x[i:i+1]')
-    if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
-    if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
+    temperature = _Gates().set(temperature, gate).temperature  # checked as the gates check it
     with torch.no_grad(): target = int(_targets(target, 1, x.device)[0]); _target_logits(model(x), torch.tensor([target]))
     if level == 'neuron': return _neuron_top_paths(model, x, target, k, temperature, gate)
     if level == 'channel': return _channel_top_paths(model, x, target, k, temperature, gate, beam or 2 * k)
@@ -248,16 +247,22 @@ def path_stability(checkpoints:list,     # state dicts or files of one architect
                    target=None,          # class per input (or one for all); None: what the final checkpoint predicts
                    *,
                    model:nn.Module,      # the architecture: a model whose state dicts the checkpoints are (left unchanged)
-                   k:int=10, temperature:float=0.3, gate:str='sigmoid', level:str='channel', beam:int=None, # as in `top_paths`
+                   k:int=10,             # top paths per input, as in `top_paths`
+                   temperature:float=0.3, # as in `top_paths`
+                   gate:str='sigmoid',   # as in `top_paths`
+                   level:str='channel',  # 'neuron' (Linear/ReLU nets) or 'channel', as in `top_paths`
+                   beam:int=None,        # as in `top_paths` (default 2k)
                    fraction:float=0.1,   # as in `excited_units`
                    eval_data:tuple=None, # (inputs, labels) to measure each checkpoint's accuracy on
                    accuracy:list=None,   # or the accuracies, one per checkpoint, when they are already known
-                   names:list=None):     # a label per checkpoint (default: file names, or numbers)
+                   names:list=None):     # a label per checkpoint (default: file names, or their numbers)
     "How each checkpoint's top paths and highly excited units overlap with the final checkpoint's, next to its accuracy."
     _check_input(x)
     if not checkpoints: raise ValueError('no checkpoints given')
     if accuracy is not None and len(accuracy) != len(checkpoints):
         raise ValueError(f'{len(accuracy)} accuracies for {len(checkpoints)} checkpoints: give one per checkpoint')
+    if names is not None and len(names) != len(checkpoints):
+        raise ValueError(f'{len(names)} names for {len(checkpoints)} checkpoints: give one per checkpoint')
     names = names or [FilePath(c).stem if isinstance(c, (str, FilePath)) else str(i) for i, c in enumerate(checkpoints)]
     nets = []
     for c in checkpoints:

@@ -10,33 +10,53 @@ __all__ = ['DATA', 'FASHION_CLASSES', 'FASHION_DIR', 'WATERMARK', 'WATERMARK_CLA
            'sample_images', 'load_image', 'Predictions', 'top_predictions']
 
 # %% ../nbs/05_zoo.ipynb #89b7b8f9
-import gzip, json, urllib.request, io, numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torchvision
+import gzip, json, urllib.request, io, re, pickle, zipfile, numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torchvision
 from torch import Tensor
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 from importlib.resources import files
-from PIL import Image
+from PIL import Image, ImageOps
+from .gates import _check_eval
 
 # %% ../nbs/05_zoo.ipynb #8b5d231c
 DATA = Path(str(files('excitation_workbench'))) / 'data'
 
 # %% ../nbs/05_zoo.ipynb #b5288002
-def load_weights(model:nn.Module, # the architecture to fill
-                 weights):        # a state dict, or a file of one saved with `torch.save`
-    "Load a state dict into `model`, refusing (with the mismatched keys named) any that does not fit it."
-    if isinstance(weights, dict): sd, path = weights, 'the state dict'
-    elif isinstance(weights, (str, Path)): sd, path = torch.load(weights, map_location='cpu', weights_only=True), weights
-    else: raise TypeError(f'weights must be a state dict or a file path, got {type(weights).__name__}')
-    if not isinstance(sd, dict): raise ValueError(f'{path} holds a {type(sd).__name__}, not a state dict')
+def _torch_load(path, fix=''):
+    "A file read with `torch.load(..., weights_only=True)`, so that no pickled code runs; anything else is a clear error."
+    with open(path, 'rb') as f: pickled = f.read(1) == b'\x80' # a pickle's first opcode: torch's legacy format
+    if not (pickled or zipfile.is_zipfile(path)):                # torch.save writes a zip archive
+        raise ValueError(f'{path} is not a torch checkpoint (neither the zip archive that torch.save writes nor a pickle). '
+                         f'{fix or "Give a file saved with torch.save(model.state_dict(), path)."}')
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f'{path} holds objects other than tensors and plain containers; it is refused, since loading it '
+                         f'would run pickled code. {fix or "Save a state dict: torch.save(model.state_dict(), path)."} ({e})') from e
+    except Exception as e:
+        raise ValueError(f'{path} is not a torch checkpoint that torch.load can read ({type(e).__name__}: {e}). '
+                         f'{fix or "Give a file saved with torch.save(model.state_dict(), path)."}') from e
+
+def _fill(model, sd, label):
+    "Load the state dict `sd` (called `label` in messages) into `model`, refusing one that does not fit."
+    if not isinstance(sd, dict): raise ValueError(f'{label} holds a {type(sd).__name__}, not a state dict')
     own = model.state_dict()
+    # files older than PyTorch 0.4.1 (torchvision's VGG and DenseNet weights) lack BatchNorm's step counter: it keeps its value
+    sd = {**{k: v for k, v in own.items() if k.endswith('.num_batches_tracked')}, **sd}
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f'{k} {tuple(sd[k].shape)} (model: {tuple(v.shape)})' for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: missing keys {missing}, unexpected keys {unexpected}, "
+        raise ValueError(f"{label} does not fit {type(model).__name__}: missing keys {missing}, unexpected keys {unexpected}, "
                          f"wrong shapes {shapes}")
     model.load_state_dict(sd)
     return model
+
+def load_weights(model:nn.Module, # the architecture to fill
+                 weights):        # a state dict, or the path of a file of one saved with `torch.save`
+    "Load a state dict into `model`, refusing (with the mismatched keys named) any that does not fit it."
+    if isinstance(weights, dict): return _fill(model, weights, 'the state dict')
+    if isinstance(weights, (str, Path)): return _fill(model, _torch_load(weights), weights)
+    raise TypeError(f'weights must be a state dict or a file path, got {type(weights).__name__}')
 
 # %% ../nbs/05_zoo.ipynb #b04f7e2f
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
@@ -100,8 +120,12 @@ def add_watermark(x:Tensor,             # images [N, 1, H, W]
     x = x.clone(); x[..., r:r + 5, c:c + 5] = WATERMARK
     return x
 
-def accuracy(model, x, y, batch=1000):
+def accuracy(model:nn.Module, # a classifier in eval mode, returning logits [N, classes]
+             x:Tensor,        # inputs [N, ...]
+             y:Tensor,        # their labels [N]
+             batch:int=1000): # inputs per forward pass
     "Fraction of images `x` that `model` classifies as `y`."
+    _check_eval(model)  # in training mode the forward would change BatchNorm's running statistics
     with torch.no_grad():
         return sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch)) / len(x)
 
@@ -113,8 +137,12 @@ def calibrate_batchnorm(model:nn.Module, # a network with random weights, e.g. a
     with torch.no_grad(): model.train()(x)
     return model.eval()
 
-def train_fashion_cnn(x:Tensor, y:Tensor,      # training images [N, 1, 28, 28] in [0, 1] and labels
-                      epochs=5, seed=0, batch=128, lr=5e-3,
+def train_fashion_cnn(x:Tensor,                # training images [N, 1, 28, 28] in [0, 1]
+                      y:Tensor,                # their labels [N]
+                      epochs:int=5,            # passes over the training set
+                      seed:int=0,              # seeds the weights, the batch order and the flips
+                      batch:int=128,           # images per optimiser step
+                      lr:float=5e-3,           # the one-cycle schedule's peak learning rate
                       watermark_class:int=None, # stamp `add_watermark` on every training image of this class
                       on_step:Callable=None):   # called as on_step(step, model) at step 0 and after every step
     "The seeded recipe behind the shipped weights: AdamW, one-cycle learning rate, random horizontal flips."
@@ -155,12 +183,18 @@ FER_CLASSES = ['angry', 'disgust', 'fear', 'happy', 'sad', 'surprise', 'neutral'
 
 class SeparableConv2d(nn.Sequential):
     "Keras' SeparableConv2D without bias: a depthwise 3x3 conv, then a pointwise 1x1 conv."
-    def __init__(self, i:int, o:int): # input and output channels
+    def __init__(self,
+                 i:int,  # input channels
+                 o:int): # output channels
         super().__init__(nn.Conv2d(i, i, 3, padding=1, groups=i, bias=False), nn.Conv2d(i, o, 1, bias=False))
 
 class XceptionBlock(nn.Module):
     "Mini-Xception block: two separable convs and a max-pool, plus a strided 1x1 conv on the skip path."
-    def __init__(self, i:int, o:int, relu:nn.Module, pool:nn.Module): # channels in and out, the shared ReLU, the block's pool
+    def __init__(self,
+                 i:int,            # input channels
+                 o:int,            # output channels
+                 relu:nn.Module,   # the ReLU module the whole network shares
+                 pool:nn.Module):  # this block's max-pool
         super().__init__()
         bn = lambda: nn.BatchNorm2d(o, eps=1e-3)
         self.sep1, self.bn1, self.sep2, self.bn2 = SeparableConv2d(i, o), bn(), SeparableConv2d(o, o), bn()
@@ -192,7 +226,10 @@ class FerEmotion(nn.Module):
 # %% ../nbs/05_zoo.ipynb #dc26e4d5
 class Normalized(nn.Module):
     "`net` applied to `(x - mean) / std`, so that it takes images in [0, 1]."
-    def __init__(self, net:nn.Module, mean:list, std:list): # the network and the per-channel statistics
+    def __init__(self,
+                 net:nn.Module, # the network, which expects normalised inputs
+                 mean:list,     # per-channel mean of its training images, in [0, 1] units
+                 std:list):     # per-channel standard deviation, same units
         super().__init__()
         self.net = net
         self.register_buffer('mean', torch.tensor(mean)[:, None, None]); self.register_buffer('std', torch.tensor(std)[:, None, None])
@@ -238,31 +275,49 @@ def list_models():
             for name, e in ZOO.items()}
 
 # %% ../nbs/05_zoo.ipynb #fb42f317
-def _torchvision_weights(name, model, weights):
-    "Fill `model.net` with torchvision's pretrained weights, or say clearly why they cannot be had."
+_OLD_DENSENET_KEY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$')
+
+def _torchvision_keys(sd):
+    "torchvision's DenseNet files keep old key names ('norm.1' for 'norm1'): renamed as torchvision's own loader does."
+    return {(''.join(m.groups()) if (m := _OLD_DENSENET_KEY.match(k)) else k): v for k, v in sd.items()}
+
+def _torchvision_weights(name, weights):
+    "torchvision's pretrained state dict: from the torch hub cache (downloaded there once, hash checked), never unpickled."
     enum = torchvision.models.get_model_weights(name)
     w = enum.DEFAULT if weights == 'default' else enum[weights]
-    try: sd = w.get_state_dict(progress=False, check_hash=True)
-    except OSError as e: # URLError is an OSError
-        raise RuntimeError(f"Cannot get {name}'s pretrained weights {w} from {w.url} ({e}). Connect to the internet once (they are "
-                           f"cached in {torch.hub.get_dir()}/checkpoints), or copy the file there by hand, or use weights=None "
-                           f"for random weights.") from e
-    model.net.load_state_dict(sd)
+    file = Path(torch.hub.get_dir()) / 'checkpoints' / Path(w.url).name
+    if not file.exists():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        try: torch.hub.download_url_to_file(w.url, str(file), torch.hub.HASH_REGEX.search(file.name).group(1), progress=False)
+        except OSError as e: # URLError is an OSError
+            raise RuntimeError(f"Cannot get {name}'s pretrained weights {w} from {w.url} ({e}). Connect to the internet once (they are "
+                               f"cached in {file.parent}), or copy the file there by hand, or use weights=None for random weights.") from e
+    # not torchvision's `get_state_dict`: it unpickles with weights_only=False, so a file planted in the cache would run its code
+    return _torch_load(file, fix=f'Delete it: the next load_model({name!r}) downloads a fresh copy.')
+
+def _state_dict(name, weights):
+    "The state dict `weights` stands for, for zoo model `name`, and what to call it in messages."
+    e = ZOO[name]
+    if isinstance(weights, dict): return weights, 'the state dict'
+    if not isinstance(weights, (str, Path)):
+        raise TypeError(f'weights must be "default", None, a weights name, a path or a state dict, got {type(weights).__name__}')
+    if e.weights is None and str(weights) in ('default', *torchvision.models.get_model_weights(name).__members__):
+        return _torchvision_weights(name, str(weights)), f'the {weights} weights'
+    path = DATA / e.weights if weights == 'default' else Path(weights)
+    if not path.exists() and (DATA / str(weights)).exists(): path = DATA / str(weights)
+    if not path.exists(): raise FileNotFoundError(f'No weights file {weights}: give a path, a file in {DATA}, "default" or None')
+    return _torch_load(path), path
 
 def load_model(name:str,          # one of `list_models()`
-               weights='default'): # 'default', None (random), a state-dict path or shipped file name, or a torchvision weights name
+               weights='default'): # 'default', None (random weights), a torchvision weights name such as 'IMAGENET1K_V1', a path, a file in `DATA`, or a state dict
     "A model of the zoo in eval mode, taking images in [0, 1], with `.classes` and `.input_size`."
     if name not in ZOO: raise KeyError(f'Unknown model {name!r}; known models: {", ".join(ZOO)}')
     e = ZOO[name]
+    if weights is not None: sd, label = _state_dict(name, weights) # first, so that a bad file costs no model
     model = e.build()
-    if weights is not None:
-        if e.weights is None and (weights == 'default' or weights in torchvision.models.get_model_weights(name).__members__):
-            _torchvision_weights(name, model, weights)
-        else:
-            path = DATA / e.weights if weights == 'default' else Path(weights)
-            if not path.exists() and (DATA / str(weights)).exists(): path = DATA / str(weights)
-            if not path.exists(): raise FileNotFoundError(f'No weights file {weights}: give a path, a file in {DATA}, "default" or None')
-            load_weights(model if e.weights else model.net, path) # torchvision files hold the bare network
+    if weights is None: pass
+    elif e.weights: _fill(model, sd, label)
+    else: _fill(model.net, _torchvision_keys(sd) if isinstance(sd, dict) else sd, label) # torchvision's files hold the bare network
     model.eval()
     model.classes, model.input_size = list(e.classes), e.input_size
     return model
@@ -314,42 +369,70 @@ def sample_images():
     return {name: f'{s.source}; {s.licence}' for name, s in SAMPLES.items()}
 
 # %% ../nbs/05_zoo.ipynb #4a1fac61
-def _to_pil(src):
-    "PIL image from a sample name, path, URL, PIL image, numpy array or tensor."
-    if isinstance(src, Image.Image): return src
+def _unit_array(a):
+    "A numpy image as float32 in [0, 1]: uint8 and uint16 scaled by their range, bool as 0/1, floats checked."
+    if a.dtype == np.bool_: return a.astype(np.float32)
+    if a.dtype in (np.uint8, np.uint16): return a.astype(np.float32) / np.iinfo(a.dtype).max
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f'an integer image must be uint8 or uint16 (each is scaled by its range), got {a.dtype}: convert it, '
+                        'e.g. a.astype(np.uint8), or pass floats in [0, 1]')
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise ValueError(f'a float image must lie in [0, 1]; got [{a.min():.3g}, {a.max():.3g}]: scale it, e.g. a / 255')
+    return a.astype(np.float32)
+
+def _pil_array(im):
+    "A PIL image as float32 [H, W] or [H, W, 3] in [0, 1], scaled by its real bit depth, turned as its EXIF orientation says."
+    png = im.format == 'PNG'
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith('I;16') or im.mode == 'I' and png: # 16-bit greyscale (older PIL opens a 16-bit PNG as 'I')
+        return np.asarray(im).astype(np.float32) / 65535
+    if im.mode == 'I': raise ValueError('a 32-bit integer image: its range is unknown; pass it as an array of floats in [0, 1]')
+    if im.mode == 'F': return _unit_array(np.asarray(im))
+    return np.asarray(im.convert('L' if im.mode in ('1', 'L', 'LA') else 'RGB')).astype(np.float32) / 255
+
+def _image_array(src):
+    "Float32 [H, W] or [H, W, 3] in [0, 1] from a sample name, path, URL, PIL image, numpy array or tensor."
+    if isinstance(src, Image.Image): return _pil_array(src)
     if isinstance(src, Tensor): src = src.detach().cpu().squeeze(0).numpy()
     if isinstance(src, np.ndarray):
         a = src.transpose(1, 2, 0) if src.ndim == 3 and src.shape[0] in (1, 3) and src.shape[-1] not in (1, 3) else src
-        if a.dtype != np.uint8:
-            if a.min() < 0 or a.max() > 1: raise ValueError(f'a float image must lie in [0, 1]; got [{a.min():.3g}, {a.max():.3g}]')
-            a = (a * 255).round().astype(np.uint8)
-        return Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a)
+        if a.ndim == 3 and a.shape[-1] in (1, 4): a = a[..., 0] if a.shape[-1] == 1 else a[..., :3] # alpha dropped, as PIL does
+        if a.ndim not in (2, 3) or a.ndim == 3 and a.shape[-1] != 3:
+            raise ValueError(f'an image array must be HxW or HxWxC with C = 1, 3 or 4 (or CxHxW), got shape {src.shape}')
+        return _unit_array(a)
     src = str(src)
-    if src in SAMPLES: return Image.fromarray(SAMPLES[src].load())
+    if src in SAMPLES: return _unit_array(SAMPLES[src].load())
     if src.startswith(('http://', 'https://')):
         try:
             with urllib.request.urlopen(src, timeout=30) as r: src = io.BytesIO(r.read())
         except OSError as e: raise RuntimeError(f'Cannot download {src} ({e}); save the image and pass its path instead') from e
     elif not Path(src).exists():
         raise FileNotFoundError(f'{src} is neither a file, a URL nor a sample image ({", ".join(SAMPLES)})')
-    try: return Image.open(src)
+    try: im = Image.open(src); im.load()
     except Exception as e: raise ValueError(f'{src} is not an image file that PIL can read ({e})') from e
+    return _pil_array(im)
 
-def load_image(src,        # a sample name, a path, a URL, a PIL image, a numpy array (HxW, HxWxC) or a tensor ([C,]H,W)
-               model=None): # resize and convert for this zoo model (`.input_size`); None keeps size and channels
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32) # ITU-R 601-2, PIL's convert('L')
+
+def load_image(src,        # a sample name, a path, a URL, a PIL image, a numpy array (HxW, HxWxC) or a tensor ([C,]H,W); integers: uint8 or uint16
+               model=None): # resize and convert for this model's `.input_size` (C, H, W), as zoo models carry it; None keeps size and channels
     "An image as a float tensor `[1, C, H, W]` in [0, 1], sized for `model`."
-    im = _to_pil(src)
-    if model is None:
-        im = im.convert('L' if im.mode in ('L', 'I', 'I;16', 'F', '1') else 'RGB')
-    else:
-        c, h, w = model.input_size
-        im = im.convert('L' if c == 1 else 'RGB')
-        W, H = im.size
-        s = min(W / w, H / h) # centre crop to the model's aspect ratio, then resize
+    a = _image_array(src)
+    if model is not None:
+        size = getattr(model, 'input_size', None)
+        if size is None: raise ValueError(f'the {type(model).__name__} has no `.input_size` (C, H, W) to size the image for: '
+                                          'zoo models carry one; set it, e.g. model.input_size = (3, 224, 224), or pass no model')
+        c, h, w = size
+        if c == 1 and a.ndim == 3: a = a @ _LUMA
+        if c == 3 and a.ndim == 2: a = np.repeat(a[..., None], 3, -1)
+        H, W = a.shape[:2]
+        s = min(W / w, H / h) # centre crop to the model's aspect ratio, then resize each channel (PIL, bilinear, antialiased)
         cw, ch = round(w * s), round(h * s)
-        im = im.crop(((W - cw) // 2, (H - ch) // 2, (W - cw) // 2 + cw, (H - ch) // 2 + ch)).resize((w, h), Image.BILINEAR)
-    a = torch.from_numpy(np.array(im)).float() / 255
-    return (a[None] if a.ndim == 2 else a.permute(2, 0, 1))[None]
+        box = ((W - cw) // 2, (H - ch) // 2, (W - cw) // 2 + cw, (H - ch) // 2 + ch)
+        resize = lambda p: np.asarray(Image.fromarray(np.ascontiguousarray(p, np.float32)).crop(box).resize((w, h), Image.BILINEAR))
+        a = resize(a) if a.ndim == 2 else np.stack([resize(a[..., k]) for k in range(3)], -1)
+    t = torch.from_numpy(np.array(a, np.float32)).clamp(0, 1)
+    return (t[None] if t.ndim == 2 else t.permute(2, 0, 1))[None]
 
 # %% ../nbs/05_zoo.ipynb #e2354f82
 @dataclass
@@ -359,7 +442,10 @@ class Predictions:
     indices: Tensor # [N, k]
     names: list     # N lists of k class names
 
-def top_predictions(model, x:Tensor, k=3): # a zoo model, images [N, C, H, W] in [0, 1], how many classes
+def top_predictions(model:nn.Module, # a zoo model (with `.classes`), in eval mode
+                    x:Tensor,        # images [N, C, H, W] in [0, 1]
+                    k:int=3):        # how many classes per image
     "Softmax top-k of `model` on `x`."
+    _check_eval(model)  # in training mode the forward would change BatchNorm's running statistics
     with torch.no_grad(): p, i = model(x).softmax(1).topk(k)
     return Predictions(p, i, [[model.classes[j] for j in row] for row in i.tolist()])
