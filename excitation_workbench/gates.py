@@ -4,14 +4,15 @@
 
 # %% auto #0
 __all__ = ['GATES', 'Site', 'ReluCall', 'ReluCatcher', 'soft_callbacks', 'soft_gates', 'relu_sites', 'gated_gradient',
-           'excitation_pullback']
+           'SoftForward', 'soft_forward', 'excitation_pullback']
 
 # %% ../nbs/01_gates.ipynb #1c221427
-import sys, torch, torch.nn as nn, torch.nn.functional as F
+import sys, threading, numbers, torch, torch.nn as nn, torch.nn.functional as F, torch.utils.checkpoint
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _ntuple, _single, _pair
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,77 +33,160 @@ class ReluCall:
     hard: Callable     # runs the original call, returning its exact output
 
 # %% ../nbs/01_gates.ipynb #06c6da27
-# Each catchable function: its label, the names of its positional parameters, and defaults that differ from a ReLU's.
-_RELUS = {
-    F.relu: ('F.relu', ('input', 'inplace'), {}),
-    torch.relu: ('torch.relu', ('input',), {}),
-    torch.relu_: ('torch.relu_', ('input',), {'inplace': True}),
-    Tensor.relu: ('Tensor.relu', ('input',), {}),
-    Tensor.relu_: ('Tensor.relu_', ('input',), {'inplace': True}),
-    F.relu6: ('F.relu6', ('input', 'inplace'), {'max_val': 6.0}),
-    F.hardtanh: ('F.hardtanh', ('input', 'min_val', 'max_val', 'inplace'), {'min_val': -1.0, 'max_val': 1.0}),
-    F.hardtanh_: ('F.hardtanh_', ('input', 'min_val', 'max_val'), {'min_val': -1.0, 'max_val': 1.0, 'inplace': True}),
-}
-_RELU_MODULES = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh
+# Each catchable function: its label and the names of its positional parameters.
+_RELUS = {f: (label, names) for names, fs in [
+    (('input', 'inplace'), {F.relu: 'F.relu', F.relu6: 'F.relu6'}),
+    (('input',), {torch.relu: 'torch.relu', torch.relu_: 'torch.relu_', Tensor.relu: 'Tensor.relu', Tensor.relu_: 'Tensor.relu_'}),
+    (('input', 'min_val', 'max_val', 'inplace'), {F.hardtanh: 'F.hardtanh', F.hardtanh_: 'F.hardtanh_'}),
+    (('input', 'min', 'max'), {torch.clamp: 'torch.clamp', torch.clamp_: 'torch.clamp_', torch.clip: 'torch.clip',
+                               torch.clip_: 'torch.clip_', Tensor.clamp: 'Tensor.clamp', Tensor.clamp_: 'Tensor.clamp_',
+                               Tensor.clip: 'Tensor.clip', Tensor.clip_: 'Tensor.clip_', torch.clamp_min: 'torch.clamp_min',
+                               torch.clamp_min_: 'torch.clamp_min_', Tensor.clamp_min: 'Tensor.clamp_min',
+                               Tensor.clamp_min_: 'Tensor.clamp_min_'}),
+    (('input', 'threshold', 'value', 'inplace'), {F.threshold: 'F.threshold', F.threshold_: 'F.threshold_',
+                                                  torch.threshold: 'torch.threshold', torch.threshold_: 'torch.threshold_'}),
+] for f, label in fs.items()}
+_RELU_MODULES = (nn.ReLU, nn.Hardtanh, nn.Threshold)  # nn.ReLU6 is a Hardtanh
 
-def _relu_args(func, args, kwargs):
-    "The bound arguments of a call to a catchable function, or None when it is no ReLU (hardtanh with min != 0)."
-    _, names, defaults = _RELUS[func]
-    p = {'inplace': False, 'min_val': 0.0, 'max_val': None, **defaults, **dict(zip(names, args)), **kwargs}
-    return None if p['min_val'] != 0 else p
+def _number(v): return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-_POOL_ARGS = ('input', 'kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode', 'return_indices')
+def _relu_args(func,    # a key of `_RELUS`, as the mode saw it called
+               args:tuple, kwargs:dict): # its arguments
+    "(z, upper clip or None, in place) of a call that computes a (clipped) ReLU exactly, or None for any other call."
+    label, names = _RELUS[func]
+    p, kind = {**dict(zip(names, args)), **kwargs}, label.split('.')[-1].rstrip('_')
+    if kind == 'relu': lower, upper = 0, None
+    elif kind == 'relu6': lower, upper = 0, 6.0
+    elif kind == 'hardtanh': lower, upper = p.get('min_val', -1.0), p.get('max_val', 1.0)
+    elif kind == 'threshold': lower, upper = (0 if all(_number(p.get(k)) and p[k] == 0 for k in ('threshold', 'value')) else None), None
+    else: lower, upper = p.get('min'), p.get('max')  # clamp, clip, clamp_min
+    if 'out' in p or not _number(lower) or lower != 0 or not (upper is None or _number(upper) and upper > 0): return None
+    return p['input'], (None if upper is None else float(upper)), label.endswith('_') or p.get('inplace', False)
 
-def _pool_args(args, kwargs):
-    "Normalised arguments of a max_pool2d call."
-    p = {'stride': None, 'padding': 0, 'dilation': 1, 'ceil_mode': False, 'return_indices': False,
-         **dict(zip(_POOL_ARGS, args)), **kwargs}
-    p['stride'] = p['stride'] or p['kernel_size']
-    for k in ('kernel_size', 'stride', 'padding', 'dilation'): p[k] = _pair(p[k])
-    return p
+# Each catchable max-pool: its label, the number of pooled dimensions, whether it is adaptive.
+_POOLS = {F.max_pool1d: ('max_pool1d', 1, False), torch.max_pool1d: ('max_pool1d', 1, False),
+          F.max_pool2d: ('max_pool2d', 2, False), torch.max_pool2d: ('max_pool2d', 2, False),
+          F.max_pool3d: ('max_pool3d', 3, False), torch.max_pool3d: ('max_pool3d', 3, False),
+          F.adaptive_max_pool1d: ('adaptive_max_pool1d', 1, True), torch.adaptive_max_pool1d: ('adaptive_max_pool1d', 1, True),
+          F.adaptive_max_pool2d: ('adaptive_max_pool2d', 2, True), F.adaptive_max_pool3d: ('adaptive_max_pool3d', 3, True),
+          F.max_pool1d_with_indices: ('max_pool1d', 1, False), F.max_pool2d_with_indices: ('max_pool2d', 2, False),
+          F.max_pool3d_with_indices: ('max_pool3d', 3, False)}
+
+def _pool_args(func,    # a key of `_POOLS`, as the mode saw it called
+               args:tuple, kwargs:dict): # its arguments
+    "Arguments of a max-pool call as those of a 2-d max-pool (a 1-d pool is one of height 1), or None where it has none."
+    label, dims, adaptive = _POOLS[func]
+    names = ('input', 'output_size') if adaptive else ('input', 'kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode')
+    p = {'stride': None, 'padding': 0, 'dilation': 1, 'ceil_mode': False, **dict(zip(names, args)), **kwargs}
+    x = p['input']
+    if dims == 3 or p.get('return_indices') or func in (F.max_pool1d_with_indices, F.max_pool2d_with_indices): return None
+    if adaptive:  # an adaptive pool whose windows tile the input evenly is a plain max-pool
+        size = x.shape[-dims:]
+        out = [s if o is None else o for s, o in zip(size, _ntuple(dims)(p['output_size']))]
+        if any(s % o for s, o in zip(size, out)): return None
+        p['kernel_size'] = p['stride'] = [s // o for s, o in zip(size, out)]
+    def two(v, first): return (first, _single(v)[0]) if dims == 1 else _pair(v)
+    return {'input': x, 'dims': dims, 'ceil_mode': p['ceil_mode'], 'kernel_size': two(p['kernel_size'], 1),
+            'stride': two(p['stride'] or p['kernel_size'], 1), 'padding': two(p['padding'], 0), 'dilation': two(p['dilation'], 1)}
+
+# %% ../nbs/01_gates.ipynb #c4e3a9d1
+def _check_eval(model:nn.Module): # the network about to be explained
+    "Raise a clear error when any module of `model` is in training mode (or `model` is no `nn.Module`)."
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'model must be an nn.Module (the gates hook its forward), got {type(model).__name__}: wrap a '
+                        'function f as a module, e.g. class Model(nn.Module):\n    def forward(self, x): return f(x)')
+    training = [name or type(m).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(f'the model is in training mode (modules {training[:3]}{" ..." if len(training) > 3 else ""}): '
+                         "BatchNorm batch statistics and Dropout would make the explanation depend on the batch and on "
+                         "chance, and BatchNorm's running statistics would change: call model.eval() first")
+
+def _check_model(model:nn.Module): # the network a catcher is made for
+    "A model the catcher can see into: a Python nn.Module, neither compiled nor TorchScript, in eval mode."
+    if isinstance(model, nn.Module):
+        for name, m in model.named_modules():
+            where = f'its submodule {name!r} is' if name else 'it is'
+            if hasattr(m, '_orig_mod'):
+                raise TypeError(f"a torch.compile'd model cannot be caught ({where} compiled): compiled code skips the "
+                                "ReLU catcher, which would silently give the plain gradient; pass the module it wraps, "
+                                "`model._orig_mod`")
+            if isinstance(m, torch.jit.ScriptModule):
+                raise TypeError(f'a torch.jit traced or scripted model cannot be caught ({where} TorchScript): scripted '
+                                'code runs its ReLUs inside TorchScript, out of reach of the catcher; pass the Python '
+                                'nn.Module it was made from')
+    _check_eval(model)
+
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+def _check_not_checkpointed(outer): # a frame where the walk up the stack stops (this forward's outermost call), or None
+    "Raise if the caller runs inside torch.utils.checkpoint, whose backward would recompute the forward outside the gates."
+    f = sys._getframe(2)
+    while f is not None and f is not outer:  # only the frames of this forward
+        if f.f_code.co_filename == _CHECKPOINT_FILE:
+            raise RuntimeError("the model's forward runs (in part) inside torch.utils.checkpoint: its backward recomputes "
+                               'that part outside the gates, which would silently give hard gates there; run the model '
+                               'without activation checkpointing to explain it (e.g. a flag in its forward)')
+        f = f.f_back
+
+def _check_no_transform():
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError('torch.func transforms (grad, vmap, jacrev, ...) cannot run the gates: call '
+                           'excitation_pullback (or soft_forward) directly, it is batched already')
 
 # %% ../nbs/01_gates.ipynb #a58188fe
+_ACTIVE = ContextVar('relu_catchers', default=())  # the catchers entered in this thread, or asyncio task
+
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELUS: return self.catcher._relu(func, args, kwargs)
-        if func in (F.max_pool2d, torch.max_pool2d): return self.catcher._maxpool(func, args, kwargs)
+        if func in _POOLS: return self.catcher._maxpool(func, args, kwargs)
         return func(*args, **kwargs)
 
 class ReluCatcher:
-    "Routes every ReLU call (and max_pool2d call) made while `model` runs to callbacks; `.sites` lists the last forward's."
-    def __init__(self, model:nn.Module, on_relu:Callable, on_maxpool:Callable=None, on_forward_end:Callable=None):
-        self.on_relu, self.on_maxpool, self.on_forward_end = on_relu, on_maxpool, on_forward_end
-        if hasattr(model, '_orig_mod'):
-            raise TypeError("a torch.compile'd model cannot be caught: compiled code skips the ReLU catcher, which would "
-                            "silently give the plain gradient; pass the module it wraps, `model._orig_mod`")
-        self.model = model
-        self._modules = {id(m): (name, m) for name, m in self.model.named_modules()}
-        self.sites, self._counts, self._handles, self._depth = [], {}, [], 0
-        self._mode = _Mode(self)
+    "Routes every ReLU call (and max-pool call) made while `model` or any of its modules runs, in the thread or task that entered it, to callbacks."
+    def __init__(self, model:nn.Module,           # the network, in eval mode
+                 on_relu:Callable,                # on_relu(site, call) runs a caught ReLU call and returns its output
+                 on_maxpool:Callable=None,        # on_maxpool(p, hard) runs a max-pool call; None: max-pools run as they are
+                 on_forward_end:Callable=None):   # on_forward_end(sites) after each forward of `model` that returned
+        _check_model(model)
+        _check_no_transform()
+        self.model, self.on_relu, self.on_maxpool, self.on_forward_end = model, on_relu, on_maxpool, on_forward_end
+        self._modules = {id(m): (name, m) for name, m in model.named_modules()}
+        self.sites, self._handles, self._local = [], [], threading.local()
 
     def __enter__(self):
-        self._handles = [self.model.register_forward_pre_hook(self._start),
-                         self.model.register_forward_hook(self._stop, always_call=True)]
+        for _, m in self._modules.values():
+            self._handles += [m.register_forward_pre_hook(self._start), m.register_forward_hook(self._stop, always_call=True)]
+        _ACTIVE.set(_ACTIVE.get() + (self,))
         return self
 
     def __exit__(self, *exc):
         for h in self._handles: h.remove()
         self._handles.clear()
-        if self._depth: self._depth = 0; self._mode.__exit__(None, None, None)
+        _ACTIVE.set(tuple(c for c in _ACTIVE.get() if c is not self))
 
     def _start(self, module, args):
-        if not self._depth: self.sites, self._counts = [], {}; self._mode.__enter__()
-        self._depth += 1
+        if self not in _ACTIVE.get(): return  # another thread or task: its forward stays plain
+        state = self._local
+        if not getattr(state, 'depth', 0):
+            _check_no_transform(); _check_not_checkpointed(None)  # a whole forward checkpointed
+            state.sites, state.counts, state.graph, state.whole = [], {}, torch.is_grad_enabled(), module is self.model
+            state.mode, state.outer = _Mode(self), sys._getframe(1)  # the outermost module's call
+            state.mode.__enter__()
+        state.depth = getattr(state, 'depth', 0) + 1
 
     def _stop(self, module, args, output):
-        if not self._depth: return  # already unwound by __exit__
-        self._depth -= 1
-        if self._depth: return
-        self._mode.__exit__(None, None, None)
-        if self.on_forward_end and output is not None: self.on_forward_end(self.sites)
+        state = self._local
+        if not getattr(state, 'depth', 0): return  # a forward this catcher did not start
+        state.depth -= 1
+        if state.depth: return
+        state.mode.__exit__(None, None, None)
+        del state.mode, state.outer  # the mode refers to the catcher: no cycle outlives the forward
+        self.sites = state.sites
+        if self.on_forward_end and state.whole and output is not None: self.on_forward_end(self.sites)  # not for a part
 
     def _owner(self):
         "(path, module) of the innermost module of `model` whose code is running: the first such `self` up the stack."
@@ -121,90 +205,120 @@ class ReluCatcher:
         else:
             fn = label.split('.')[-1] + '()'
             base, kind = f'{path}.{fn}' if path else fn, label
-        k = self._counts[base] = self._counts.get(base, -1) + 1
+        counts = self._local.counts
+        k = counts[base] = counts.get(base, -1) + 1
         site = Site(f"{base}:{k}" if k else base, kind, tuple(z.shape))
-        self.sites.append(site)
+        self._local.sites.append(site)
         return site
 
     def _relu(self, func, args, kwargs):
-        p = _relu_args(func, args, kwargs)
-        if p is None or not p['input'].is_floating_point(): return func(*args, **kwargs)
-        call = ReluCall(p['input'], p['max_val'], p['inplace'], lambda: func(*args, **kwargs))
-        site = self._site(_RELUS[func][0], p['input'])
-        return self.on_relu(site, call)
+        relu = _relu_args(func, args, kwargs)
+        if relu is None or not relu[0].is_floating_point(): return func(*args, **kwargs)
+        if self._local.graph: _check_not_checkpointed(self._local.outer)
+        site = self._site(_RELUS[func][0], relu[0])
+        return self.on_relu(site, ReluCall(*relu, lambda: func(*args, **kwargs)))
 
     def _maxpool(self, func, args, kwargs):
-        p = _pool_args(args, kwargs)
-        if self.on_maxpool is None or p['return_indices']: return func(*args, **kwargs)
+        if self.on_maxpool is None: return func(*args, **kwargs)
+        p = _pool_args(func, args, kwargs)
+        if p is None:
+            raise ValueError(f'{_POOLS[func][0]} has no soft backward (soft max-pools are 1-d and 2-d ones, adaptive ones '
+                             "whose input size the output size divides, without return_indices): pass maxpool='hard' "
+                             'to keep every max-pool hard')
         return self.on_maxpool(p, lambda: func(*args, **kwargs))
 
 # %% ../nbs/01_gates.ipynb #884a976a
 GATES = {'sigmoid': torch.special.expit, 'normal_cdf': torch.special.ndtr}
 
-def _storage_dtype(z):
-    "float16 keeps z to a relative error of 2^-11 at half the bytes; float64 work stays float64."
-    return z.dtype if z.dtype == torch.float64 else torch.float16
+class _Gates:
+    "What the soft backward of one forward reads when it runs: T, the gate and the sites to soften; checked when set."
+    def set(self, temperature:float,  # T in gate(z / T), in units of z: a finite real number > 0, of any real type
+            gate:str='sigmoid',        # a key of `GATES`
+            layers:list=None):         # site names to soften, or one name; None: all
+        if isinstance(temperature, Tensor) and temperature.numel() == 1 and not temperature.is_complex():
+            temperature = temperature.item()
+        if not _number(temperature):
+            raise TypeError(f'temperature must be a real number (float, int, numpy scalar or 0-d tensor), got {temperature!r}')
+        temperature = float(temperature)
+        if not 0 < temperature < float('inf'): raise ValueError(f'temperature must be finite and > 0, got {temperature!r}')
+        if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
+        if isinstance(layers, str): layers = [layers]
+        if layers is not None and not (layers := frozenset(layers)):
+            raise ValueError('layers is empty, so no site would get a soft gate: name sites (see relu_sites(model, x)), '
+                             'or pass None to soften all')
+        self.temperature, self.gate, self.layers = temperature, GATES[gate], layers
+        return self
 
-_softplus_backward = torch.ops.aten.softplus_backward.default  # resolved once: grad * sigmoid(beta z)
+    def softens(self, name): return self.layers is None or name in self.layers
+
+def _keep_z(z:Tensor): # a pre-activation, before an in-place call overwrites it
+    "z for the backward: a float16 copy where float16 holds it (|z| <= 65504), else an exact one; float64 stays float64."
+    if z.dtype == torch.float64 or z.numel() == 0: return z.clone()
+    lo, hi = torch.aminmax(z)  # one pass; float16's own isinf is slow on CPUs
+    return z.to(torch.float16, copy=True) if -65504 <= lo and hi <= 65504 else z.clone()
+
+_softplus_backward = torch.ops.aten.softplus_backward.default  # grad * sigmoid(beta z), in one kernel
+_threshold_backward = torch.ops.aten.threshold_backward.default  # ReLU's own backward: grad where out > 0
+_hardtanh_backward = torch.ops.aten.hardtanh_backward.default    # ReLU6's: grad where 0 < out < upper
 
 class _SoftReLU(torch.autograd.Function):
-    "Exact (clipped) ReLU forward; backward multiplies the gradient by gate(z / T), from a float16 copy of z."
+    "Exact (clipped) ReLU forward; backward multiplies the gradient by gate(z / T) if `gates` soften the site, else by 1[z > 0]."
     @staticmethod
-    def forward(ctx, z, call, gate, temperature):
-        ctx.upper, ctx.gate, ctx.temperature = call.upper, gate, temperature  # not `call`: it holds z (a cycle)
-        ctx.save_for_backward(z.to(_storage_dtype(z), copy=True))  # before an in-place call overwrites z
+    def forward(ctx, z, call, name, gates):
+        ctx.upper, ctx.name, ctx.gates = call.upper, name, gates  # not `call`: it holds z (a cycle)
+        kept = _keep_z(z)  # before an in-place call overwrites z
         out = call.hard()
-        if not call.inplace: return out
-        ctx.mark_dirty(z)
-        return z  # what an in-place ReLU returns; said explicitly so that torch.compile can trace it
+        if call.inplace: ctx.mark_dirty(z); out = z  # what an in-place ReLU returns, said explicitly
+        ctx.save_for_backward(kept, out)  # the exact output: the hard backward's, as PyTorch's own ReLU keeps it
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (z,), beta, upper = ctx.saved_tensors, 1 / ctx.temperature, ctx.upper
-        if ctx.gate is torch.special.expit and upper is None:  # grad * sigmoid(beta z) in one kernel (float16 z read as is)
+        (z, out), gates, upper = ctx.saved_tensors, ctx.gates, ctx.upper
+        if not gates.softens(ctx.name):
+            hard = _threshold_backward(grad, out, 0) if upper is None else _hardtanh_backward(grad, out, 0, upper)
+            return hard, None, None, None
+        beta = 1 / gates.temperature
+        if gates.gate is torch.special.expit and upper is None:  # float16 z read as is
             return _softplus_backward(grad, z, beta, 40.0), None, None, None
         z = z.to(grad.dtype)
-        g = ctx.gate(z * beta)
-        if upper is not None: g = g * ctx.gate((upper - z) * beta)
+        g = gates.gate(z * beta)
+        if upper is not None: g = g * gates.gate((upper - z) * beta)
         return grad * g, None, None, None
 
 # %% ../nbs/01_gates.ipynb #3d9cba99
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T)."
     @staticmethod
-    def forward(ctx, x, p, hard, temperature):
-        ctx.p, ctx.temperature = p, temperature
-        y = hard()
-        ctx.save_for_backward(x, y)  # y, the output, is kept by the next layer anyway
-        return y
+    def forward(ctx, x, p, hard, gates):
+        ctx.p, ctx.gates = p, gates
+        ctx.save_for_backward(x)  # not the output: an in-place op after the pool may change it
+        return hard()
 
     @staticmethod
     def backward(ctx, grad):
-        (x, y), p = ctx.saved_tensors, ctx.p
-        unbatched = x.dim() == 3
-        if unbatched: x, y, grad = x[None], y[None], grad[None]
+        (x,), p = ctx.saved_tensors, ctx.p
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel_size'], p['stride'], p['padding'], p['dilation']
-        (n, c, h, w), (ho, wo) = x.shape, grad.shape[-2:]
+        (h, w), (ho, wo) = [((1,) + s[-1:]) if p['dims'] == 1 else s[-2:] for s in (x.shape, grad.shape)]
+        xs = x.reshape(-1, 1, h, w)  # every map of every sample as one single-channel image
         # pad with -inf (weight 0) so that every output has a full window, ceil_mode's extra row/column included
         eh = (ho - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph)
         ew = (wo - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw)
         pads = (pw, pw + max(ew, 0), ph, ph + max(eh, 0))
-        xp = F.pad(x, pads, value=float('-inf')) if any(pads) else x
-        cols = F.unfold(xp, (kh, kw), dilation=(dh, dw), stride=(sh, sw)).view(n, c, kh * kw, ho * wo)
-        # softmax over each window, in place, stabilised by the window's maximum: the forward's output
-        cols.sub_(y.reshape(n, c, 1, ho * wo)).div_(ctx.temperature).exp_()
-        cols.mul_(grad.reshape(n, c, 1, ho * wo) / cols.sum(2, keepdim=True))
-        gx = F.fold(cols.view(n, c * kh * kw, ho * wo), xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))
-        gx = gx[..., ph:ph + h, pw:pw + w]
-        return (gx[0] if unbatched else gx), None, None, None
+        xp = F.pad(xs, pads, value=float('-inf')) if any(pads) else xs
+        cols = F.unfold(xp, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # [maps, window, outputs]
+        # softmax over each window, in place, stabilised by the window's maximum (the forward's output)
+        cols.sub_(cols.amax(1, keepdim=True)).div_(ctx.gates.temperature).exp_()
+        cols.mul_(grad.reshape(-1, 1, ho * wo) / cols.sum(1, keepdim=True))
+        gx = F.fold(cols, xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+        return gx[..., ph:ph + h, pw:pw + w].reshape(x.shape), None, None, None
 
 # %% ../nbs/01_gates.ipynb #ced0638b
-def _check_options(temperature, gate, maxpool):
-    if not temperature > 0: raise ValueError(f'temperature must be > 0, got {temperature!r}')
-    if gate not in GATES: raise ValueError(f'unknown gate {gate!r}: use one of {list(GATES)}')
+def _check_maxpool(maxpool):
     if maxpool not in ('soft', 'hard'): raise ValueError(f"maxpool must be 'soft' or 'hard', got {maxpool!r}")
 
-def _check_sites(sites, layers):
+def _check_sites(sites:list, # the `Site`s of one forward
+                 layers):     # the site names to soften, a set, or None for all
     "After a forward: a model with no ReLU, or `layers` naming sites it never reached, is an error."
     if not sites: raise ValueError('no ReLU was called while the model ran, so soft gates would change nothing: '
                                    'excitation pullbacks need a ReLU network (nn.ReLU, F.relu, Tensor.relu, ReLU6, ...)')
@@ -212,31 +326,38 @@ def _check_sites(sites, layers):
     if unknown: raise ValueError(f'unknown layer name(s) {sorted(unknown)}: this forward reached the ReLU sites '
                                  f'{[s.name for s in sites]} (see relu_sites(model, x))')
 
-def soft_callbacks(temperature, gate='sigmoid', maxpool='soft', layers=None): # as in `soft_gates`
-    "The `ReluCatcher` callbacks of the soft gates: soft ReLUs (at `layers`, or all), soft max-pools, and the checks."
-    _check_options(temperature, gate, maxpool)
-    wanted, gate_fn = (None if layers is None else set(layers)), GATES[gate]
+def _soft(gates:_Gates,  # the settings the backward reads when it runs
+          maxpool:str):   # 'soft' or 'hard', as in `soft_gates`
+    "The `ReluCatcher` callbacks that put soft gates, reading `gates` in their backward, on ReLUs and (if 'soft') max-pools."
     def on_relu(site, call):
-        if wanted is not None and site.name not in wanted or not (torch.is_grad_enabled() and call.z.requires_grad):
-            return call.hard()
-        return _SoftReLU.apply(call.z, call, gate_fn, temperature)
+        if not (torch.is_grad_enabled() and call.z.requires_grad): return call.hard()
+        return _SoftReLU.apply(call.z, call, site.name, gates)
     def on_maxpool(p, hard):
         if not (torch.is_grad_enabled() and p['input'].requires_grad): return hard()
-        return _SoftMaxPool.apply(p['input'], p, hard, temperature)
-    return on_relu, (on_maxpool if maxpool == 'soft' else None), lambda sites: _check_sites(sites, layers)
+        return _SoftMaxPool.apply(p['input'], p, hard, gates)
+    return on_relu, (on_maxpool if maxpool == 'soft' else None)
+
+def soft_callbacks(temperature:float,     # T in gate(z / T): a real number > 0
+                   gate:str='sigmoid',    # as in `soft_gates`
+                   maxpool:str='soft',    # as in `soft_gates`
+                   layers:list=None):     # as in `soft_gates`
+    "The `ReluCatcher` callbacks of the soft gates: soft ReLUs (at `layers`, or all), soft max-pools, and the checks."
+    _check_maxpool(maxpool)
+    gates = _Gates().set(temperature, gate, layers)
+    return *_soft(gates, maxpool), lambda sites: _check_sites(sites, gates.layers)
 
 @contextmanager
-def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while it runs
-               temperature:float, # T in gate(z / T); smaller is closer to the hard gate
+def soft_gates(model:nn.Module,   # the network whose ReLUs get soft gates while it runs, in eval mode
+               temperature:float, # T in gate(z / T), in units of z; smaller is closer to the hard gate
                *,
                gate:str='sigmoid',    # 'sigmoid' (the method's sigma) or 'normal_cdf' (Phi)
                maxpool:str='soft',    # 'soft': max-pool backward weighted by softmax(x / T); 'hard': unchanged
-               layers:list=None):     # names of the ReLU sites to soften (as `relu_sites` gives them); None: all
+               layers:list=None):     # names of the ReLU sites to soften (as `relu_sites` gives them), or one name; None: all
     "Inside, every ReLU `model` calls keeps its exact forward and gets the backward gate(z / T) instead of 1[z > 0]."
     with ReluCatcher(model, *soft_callbacks(temperature, gate, maxpool, layers)) as catcher: yield catcher
 
 # %% ../nbs/01_gates.ipynb #3149236b
-def relu_sites(model:nn.Module, # the network to look into
+def relu_sites(model:nn.Module, # the network to look into, in eval mode
                x:Tensor):       # one batch of its inputs
     "The ReLU call sites one forward on `x` goes through, in call order."
     def record(site, call): return call.hard()
@@ -249,40 +370,107 @@ def _check_input(x):
     if not x.is_floating_point(): raise TypeError(f'x must be a floating-point tensor, got {x.dtype}: convert it, e.g. x.float() / 255')
     if x.dim() < 2: raise ValueError(f'x must have a batch dimension first ([N, C, H, W] for images), got shape {tuple(x.shape)}: use x[None] for one sample')
 
-def _targets(target, n, device):
-    "One class index per sample, from an int, a sequence or a tensor."
-    t = torch.as_tensor(target, device=device).long().reshape(-1)
+def _targets(target,  # an int, a sequence of ints, or an integer tensor or array
+             n:int,   # the number of samples
+             device): # where the classes go
+    "One class index per sample, from an int, a sequence of ints, or an integer tensor or array; anything else is an error."
+    fix = 'pass class indices: one int for all samples, or one per sample (a list of ints, or an integer tensor of shape [N])'
+    try:
+        with torch.inference_mode(False): t = torch.as_tensor(target, device=device)  # usable in a graph
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f'target must be class indices, got {target!r}: {fix}') from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f'target must be integer class indices, got {t.dtype} values: {fix}')
+    if t.dim() > 1:
+        raise ValueError(f'target has shape {tuple(t.shape)}, but class indices are one per sample: {fix} '
+                         '(for one-hot or score targets [N, classes], pass target.argmax(1))')
+    t = t.long().reshape(-1)
     if t.numel() == 1: t = t.expand(n)
     if t.numel() != n: raise ValueError(f'target has {t.numel()} classes for {n} samples: give one class, or one per sample')
     return t
 
+def _check_logits(logits, # what the model returned
+                  n:int):  # the number of inputs
+    if not isinstance(logits, Tensor):
+        raise TypeError(f'the model returned a {type(logits).__name__}, not a logits tensor [N, classes]: wrap it so that it '
+                        'returns the logits alone (e.g. a module whose forward returns model(x)[0], or model(x)["logits"])')
+    if logits.dim() != 2 or len(logits) != n:
+        raise ValueError(f'the model should return logits [N, classes] for N = {n} inputs, got shape '
+                         f'{tuple(logits.shape)}: if x is one unbatched sample, pass x[None]')
+
 def _target_logits(logits, target):
     "The logit of each sample's target class, checked."
-    if logits.dim() != 2 or len(logits) != len(target):
-        raise ValueError(f'the model should return logits [N, classes] for N = {len(target)} inputs, got shape '
-                         f'{tuple(logits.shape)}: if x is one unbatched sample, pass x[None]')
+    _check_logits(logits, len(target))
     bad = (target < 0) | (target >= logits.shape[1])
     if bad.any(): raise ValueError(f'target class(es) {target[bad].tolist()} out of range for {logits.shape[1]} classes')
     return logits.gather(1, target[:, None])[:, 0]
 
-def gated_gradient(model:nn.Module, # a ReLU network returning logits [N, classes]
+def _forward(model:nn.Module, x:Tensor, # as in `gated_gradient`
+             on_relu:Callable, on_maxpool:Callable=None, on_forward_end:Callable=None): # as in `ReluCatcher`
+    "(x0, logits, sites): `model` run on a copy x0 of `x` that requires grad, its ReLU calls caught, the graph kept."
+    with torch.inference_mode(False), torch.enable_grad():  # also under no_grad or inference_mode (Captum's NoiseTunnel)
+        with ReluCatcher(model, on_relu, on_maxpool, on_forward_end) as catcher:
+            x0 = x.detach().clone().requires_grad_()  # a copy: a model that writes to its input leaves the caller's alone
+            logits = model(x0.clone())
+    _check_logits(logits, len(x))
+    return x0, logits, catcher.sites
+
+def gated_gradient(model:nn.Module, # a ReLU network returning logits [N, classes], in eval mode
                    x:Tensor,         # inputs, [N, ...]
-                   target,           # class: an int for all samples, or one per sample
+                   target,           # class: an int for all samples, or one per sample (ints, or an integer tensor [N])
                    on_relu:Callable, on_maxpool:Callable=None, on_forward_end:Callable=None): # as in `ReluCatcher`
     "Input gradient of each sample's target logit, with every ReLU call routed through `on_relu`."
     _check_input(x)
     target = _targets(target, len(x), x.device)
-    x0 = x.detach().requires_grad_()
-    with torch.enable_grad():  # also under torch.no_grad(), as Captum's NoiseTunnel calls it
-        with ReluCatcher(model, on_relu, on_maxpool, on_forward_end):
-            logits = model(x0.clone())  # a copy, so that a model that writes to its input leaves the caller's alone
+    x0, logits, _ = _forward(model, x, on_relu, on_maxpool, on_forward_end)
+    with torch.inference_mode(False), torch.enable_grad():
         return torch.autograd.grad(_target_logits(logits, target).sum(), x0)[0]
 
-def excitation_pullback(model:nn.Module,   # a ReLU network returning logits [N, classes]
+# %% ../nbs/01_gates.ipynb #a7e1c0f3
+class SoftForward:
+    "One forward with every ReLU and max-pool caught and its graph kept: each `pullback` is one backward, at any T."
+    def __init__(self, x0:Tensor,     # the input copy the graph starts from, requiring grad
+                 logits:Tensor, # the forward's output, in the graph
+                 sites:list,    # its ReLU sites
+                 gates:_Gates): # the settings its soft gates read in the backward
+        self._x0, self._logits, self._gates, self._lock = x0, logits, gates, threading.Lock()
+        self.logits, self.sites = logits.detach(), sites  # [N, classes]; the ReLU sites of this forward, as `Site`s
+
+    def pullback(self,
+                 target,              # class: an int for all samples, or one per sample (ints, or an integer tensor [N])
+                 temperature:float,   # T in gate(z / T), in units of z
+                 *,
+                 gate:str='sigmoid',  # as in `soft_gates`
+                 layers:list=None):   # as in `soft_gates`
+        "The excitation pullback of this forward, shaped like its input: one backward, no forward."
+        return self._pullback(target, temperature, gate, layers, retain_graph=True)
+
+    def _pullback(self, target, temperature, gate, layers, retain_graph):
+        target = _targets(target, len(self._x0), self._x0.device)
+        with self._lock, torch.inference_mode(False), torch.enable_grad():  # one backward at a time reads the settings
+            self._gates.set(temperature, gate, layers)
+            _check_sites(self.sites, self._gates.layers)
+            return torch.autograd.grad(_target_logits(self._logits, target).sum(), self._x0, retain_graph=retain_graph)[0]
+
+def soft_forward(model:nn.Module,    # a ReLU network returning logits [N, classes], in eval mode
+                 x:Tensor,           # inputs, [N, ...]
+                 *,
+                 maxpool:str='soft'): # as in `soft_gates`
+    "Run `model` on `x` once with soft gates whose T, gate and layers are chosen later, per `pullback`; holds the graph until dropped."
+    _check_input(x)
+    _check_maxpool(maxpool)
+    gates = _Gates()
+    x0, logits, sites = _forward(model, x, *_soft(gates, maxpool), lambda sites: _check_sites(sites, None))
+    return SoftForward(x0, logits, sites, gates)
+
+def excitation_pullback(model:nn.Module,   # a ReLU network returning logits [N, classes], in eval mode
                         x:Tensor,          # inputs, [N, ...]
-                        target,            # class: an int for all samples, or one per sample
-                        temperature:float, # T in gate(z / T)
+                        target,            # class: an int for all samples, or one per sample (ints, or an integer tensor [N])
+                        temperature:float, # T in gate(z / T), in units of z: a real number > 0
                         *,
                         gate:str='sigmoid', maxpool:str='soft', layers:list=None): # as in `soft_gates`
     "Gradient of each sample's target logit w.r.t. its input, with soft ReLU gates in the backward pass."
-    return gated_gradient(model, x, target, *soft_callbacks(temperature, gate, maxpool, layers))
+    _check_input(x)
+    _targets(target, len(x), x.device); _Gates().set(temperature, gate, layers)  # checked before the forward
+    sf = soft_forward(model, x, maxpool=maxpool)
+    return sf._pullback(target, temperature, gate, layers, retain_graph=False)  # frees the graph as it goes
