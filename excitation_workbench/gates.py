@@ -107,9 +107,9 @@ def _check_model(model:nn.Module): # the network a catcher is made for
         for name, m in model.named_modules():
             where = f'its submodule {name!r} is' if name else 'it is'
             if hasattr(m, '_orig_mod'):
-                raise TypeError(f"a torch.compile'd model cannot be caught ({where} compiled): compiled code skips the "
-                                "ReLU catcher, which would silently give the plain gradient; pass the module it wraps, "
-                                "`model._orig_mod`")
+                raise TypeError(f"a torch.compile'd model is refused ({where} compiled): pass the module it wraps, "
+                                "`model._orig_mod`. The catcher's code runs as Python between compiled pieces, so compiling "
+                                "gains nothing here, and the ReLU sites would be named after `_orig_mod`")
             if isinstance(m, torch.jit.ScriptModule):
                 raise TypeError(f'a torch.jit traced or scripted model cannot be caught ({where} TorchScript): scripted '
                                 'code runs its ReLUs inside TorchScript, out of reach of the catcher; pass the Python '
@@ -134,11 +134,14 @@ def _check_no_transform():
                            'excitation_pullback (or soft_forward) directly, it is batched already')
 
 # %% ../nbs/01_gates.ipynb #a58188fe
+_eager = torch.compiler.disable  # the catcher's code always runs as Python: torch.compile runs the model's other code around it
+
 _ACTIVE = ContextVar('relu_catchers', default=())  # the catchers entered in this thread, or asyncio task
 
 class _Mode(TorchFunctionMode):
     "Sends caught calls to the catcher; everything else runs as it is."
     def __init__(self, catcher): super().__init__(); self.catcher = catcher
+    @_eager
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELUS: return self.catcher._relu(func, args, kwargs)
@@ -168,6 +171,7 @@ class ReluCatcher:
         self._handles.clear()
         _ACTIVE.set(tuple(c for c in _ACTIVE.get() if c is not self))
 
+    @_eager
     def _start(self, module, args):
         if self not in _ACTIVE.get(): return  # another thread or task: its forward stays plain
         state = self._local
@@ -178,6 +182,7 @@ class ReluCatcher:
             state.mode.__enter__()
         state.depth = getattr(state, 'depth', 0) + 1
 
+    @_eager
     def _stop(self, module, args, output):
         state = self._local
         if not getattr(state, 'depth', 0): return  # a forward this catcher did not start
@@ -257,6 +262,17 @@ def _keep_z(z:Tensor): # a pre-activation, before an in-place call overwrites it
     lo, hi = torch.aminmax(z)  # one pass; float16's own isinf is slow on CPUs
     return z.to(torch.float16, copy=True) if -65504 <= lo and hi <= 65504 else z.clone()
 
+# Below these, a soft backward's values become 0: far below any gradient that matters, and far enough above the type's denormal
+# floats (under 1.2e-38 for float32, 2.2e-308 for float64) that the convolutions' backward, multiplying them by weights, makes none.
+_FLUSH = {torch.float32: 1e-30, torch.bfloat16: 1e-30, torch.float64: 1e-300}
+
+_hardshrink = torch.ops.aten.hardshrink.out  # x where |x| > lambda, else 0; NaN stays NaN
+
+def _flush(g:Tensor): # the gradient a soft backward made, its own tensor: changed in place
+    "`g` with its tiny values set to 0 on CPUs, where denormal floats would slow the rest of the backward down many times."
+    tiny = _FLUSH.get(g.dtype)
+    return _hardshrink(g, tiny, out=g) if tiny and g.device.type == 'cpu' else g
+
 _softplus_backward = torch.ops.aten.softplus_backward.default  # grad * sigmoid(beta z), in one kernel
 _threshold_backward = torch.ops.aten.threshold_backward.default  # ReLU's own backward: grad where out > 0
 _hardtanh_backward = torch.ops.aten.hardtanh_backward.default    # ReLU6's: grad where 0 < out < upper
@@ -273,6 +289,7 @@ class _SoftReLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_eager
     def backward(ctx, grad):
         (z, out), gates, upper = ctx.saved_tensors, ctx.gates, ctx.upper
         if not gates.softens(ctx.name):
@@ -280,11 +297,11 @@ class _SoftReLU(torch.autograd.Function):
             return hard, None, None, None
         beta = 1 / gates.temperature
         if gates.gate is torch.special.expit and upper is None:  # float16 z read as is
-            return _softplus_backward(grad, z, beta, 40.0), None, None, None
+            return _flush(_softplus_backward(grad, z, beta, 40.0)), None, None, None
         z = z.to(grad.dtype)
         g = gates.gate(z * beta)
         if upper is not None: g = g * gates.gate((upper - z) * beta)
-        return grad * g, None, None, None
+        return _flush(grad * g), None, None, None
 
 # %% ../nbs/01_gates.ipynb #3d9cba99
 class _SoftMaxPool(torch.autograd.Function):
@@ -296,6 +313,7 @@ class _SoftMaxPool(torch.autograd.Function):
         return hard()
 
     @staticmethod
+    @_eager
     def backward(ctx, grad):
         (x,), p = ctx.saved_tensors, ctx.p
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel_size'], p['stride'], p['padding'], p['dilation']
@@ -311,7 +329,7 @@ class _SoftMaxPool(torch.autograd.Function):
         cols.sub_(cols.amax(1, keepdim=True)).div_(ctx.gates.temperature).exp_()
         cols.mul_(grad.reshape(-1, 1, ho * wo) / cols.sum(1, keepdim=True))
         gx = F.fold(cols, xp.shape[-2:], (kh, kw), dilation=(dh, dw), stride=(sh, sw))
-        return gx[..., ph:ph + h, pw:pw + w].reshape(x.shape), None, None, None
+        return _flush(gx[..., ph:ph + h, pw:pw + w].reshape(x.shape)), None, None, None
 
 # %% ../nbs/01_gates.ipynb #ced0638b
 def _check_maxpool(maxpool):

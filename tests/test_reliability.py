@@ -1,5 +1,6 @@
 """Issue 10, the parts in `gates`: one test per item (named by its number), a soft-forward test, a random-model fuzzer and a
-concurrency test. Each compares with an independent reference (a closed form in float64, a brute force, the plain gradient).
+concurrency test; then issue 12's: torch.compile and denormal floats. Each compares with an independent reference (a closed
+form in float64, a brute force, the plain gradient, the eager pullback).
 RUN_SLOW=1 runs the fuzzer and the concurrency test at a larger size."""
 import asyncio, gc, math, os, threading, weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -444,3 +445,60 @@ def test_concurrency():
     assert not errors, errors[:5]
     assert clean == [True] * 6 and no_mode_left()
     assert not any(m._forward_hooks or m._forward_pre_hooks for n in nets for m in n.modules())
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 12, the parts in `gates`: torch.compile gives the eager result, and the soft backward makes no denormal floats.
+
+class CallsCompiled(nn.Module):
+    "A wrapper whose forward calls a compiled function of its submodule (no `_orig_mod` to see): compiled code inside the model."
+    def __init__(self, net, backend):
+        super().__init__()
+        self.net, self.run = net, torch.compile(net.forward, backend=backend)
+    def forward(self, x): return self.run(x)
+
+@pytest.mark.filterwarnings('ignore')  # dynamo's graph-break and recompile warnings
+@pytest.mark.parametrize('backend', ['eager', 'aot_eager'])  # inductor's first compile takes minutes: not in the default run
+def test_issue12_compile(backend):
+    "Compiled pullbacks, soft forwards and models with compiled code inside equal the eager pullback; a compiled submodule is refused."
+    torch._dynamo.reset()
+    net, x = small_cnn(seed=4), torch.rand(2, 3, 8, 8)
+    want = {T: gates.excitation_pullback(net, x, 1, T) for T in (0.3, 3.0)}
+    assert rel_err(want[0.3], plain_gradient(net, x, 1)) > 0.1  # the gates matter: a graph that skipped them would fail
+    pullback = torch.compile(lambda x, T: gates.excitation_pullback(net, x, 1, T), backend=backend)
+    for T in (0.3, 3.0, 0.3): assert rel_err(pullback(x, T), want[T]) < 1e-6, T
+    sweep = torch.compile(lambda x: [gates.soft_forward(net, x).pullback(1, T) for T in (0.3, 3.0)], backend=backend)
+    for got, T in zip(sweep(x), (0.3, 3.0)): assert rel_err(got, want[T]) < 1e-6, T
+    inside = CallsCompiled(net, backend).eval()
+    inside(x)  # compiled once outside the gates: the cached code must not be reused inside them
+    assert rel_err(gates.excitation_pullback(inside, x, 1, 0.3), want[0.3]) < 1e-6
+    compiled_in_place = small_cnn(seed=4)
+    compiled_in_place.compile(backend=backend)
+    compiled_in_place(x)
+    assert rel_err(gates.excitation_pullback(compiled_in_place, x, 1, 0.3), want[0.3]) < 1e-6
+    wrapper = nn.Sequential(torch.compile(net, backend=backend)).eval()
+    with pytest.raises(TypeError, match=r"its submodule '0' is compiled.*pass the module it wraps"):
+        gates.excitation_pullback(wrapper, x, 1, 0.3)
+    assert no_mode_left()
+    torch._dynamo.reset()
+
+def denormals(t): return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+def test_issue12_no_denormals(monkeypatch):
+    "Gates far below 0 and max-pool windows far from their maximum make values below float32's normal range: 0, the result unchanged."
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Unflatten(1, (1, 4, 4)), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(4, 3)).eval()
+    x = torch.randn(4, 6) * 4  # some z / T, and some (x - window max) / T, below -100
+    seen = {}
+    def probe(name, t): t.register_hook(lambda g: seen.__setitem__(name, g))
+    net[0].register_forward_hook(lambda m, a, out: probe('relu', out))     # the soft ReLU's input gradient
+    net[2].register_forward_hook(lambda m, a, out: probe('maxpool', out))  # the soft max-pool's input gradient
+    got, flushed = gates.excitation_pullback(net, x, 1, 0.02), dict(seen)
+    assert denormals(flushed['relu']) == 0 and denormals(flushed['maxpool']) == 0
+    with monkeypatch.context() as m:  # the same backward without the flush: the reference, and proof the test can fail
+        m.setattr(gates, '_flush', lambda g: g)
+        unflushed = gates.excitation_pullback(net, x, 1, 0.02)
+    assert denormals(seen['relu']) > 0 and denormals(seen['maxpool']) > 0
+    assert rel_err(got, unflushed) < 1e-7
+    want = gates.excitation_pullback(net.double(), x.double(), 1, 0.02)  # float64, where these values are normal numbers
+    assert rel_err(got.double(), want) < 1e-4  # float16's copy of z: the gate is within 1.1e-4
