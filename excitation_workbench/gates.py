@@ -271,7 +271,8 @@ _hardshrink = torch.ops.aten.hardshrink.out  # x where |x| > lambda, else 0; NaN
 def _flush(g:Tensor): # the gradient a soft backward made, its own tensor: changed in place
     "`g` with its tiny values set to 0 on CPUs, where denormal floats would slow the rest of the backward down many times."
     tiny = _FLUSH.get(g.dtype)
-    return _hardshrink(g, tiny, out=g) if tiny and g.device.type == 'cpu' else g
+    if not tiny or g.device.type != 'cpu': return g
+    return torch.hardshrink(g, tiny) if g.requires_grad else _hardshrink(g, tiny, out=g)  # in place, unless in a double backward
 
 _softplus_backward = torch.ops.aten.softplus_backward.default  # grad * sigmoid(beta z), in one kernel
 _threshold_backward = torch.ops.aten.threshold_backward.default  # ReLU's own backward: grad where out > 0

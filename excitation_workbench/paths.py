@@ -10,6 +10,7 @@ __all__ = ['Excitation', 'record_excitations', 'Path', 'top_paths', 'excitation_
 import torch, torch.nn as nn, math, copy, plotly.graph_objects as go
 from torch import Tensor
 from dataclasses import dataclass
+from tqdm.auto import tqdm
 from pathlib import Path as FilePath
 from .gates import ReluCatcher, Site, GATES, soft_callbacks
 from .gates import _Gates, _check_eval, _check_input, _targets, _target_logits
@@ -131,33 +132,57 @@ def _take(t, rows, b):
     t = t[rows]
     return torch.cat([t, t.new_zeros(b - len(t), *t.shape[1:])])
 
+def _reach(root, leaves):
+    "The keys of `leaves` (a dict of leaf tensors) that autograd reaches from `root` without passing through another leaf."
+    ids, found, seen, todo = {id(t): n for n, t in leaves.items()}, [], set(), [root.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen: continue
+        seen.add(f)
+        if hasattr(f, 'variable'):  # a leaf's AccumulateGrad
+            if id(f.variable) in ids: found.append(ids[id(f.variable)])
+        else: todo.extend(g for g, _ in f.next_functions)
+    return found
+
+_ROWS = 32  # at most this many beam elements per backward: the forward graph holds that many copies of the input, whatever the beam
+
 def _channel_top_paths(model, x, target, k, temperature, gate, b):
     "Top-k channel paths by beam search from the output back to the input; scores are the exact masked contributions."
     a = _open_jvp(model, x, temperature, gate)
-    # the beam runs as a batch of b copies of x; the graph is cut at every site, so that the gradient at a site's output is
-    # one backward through the segments that consume it, from the masked gradients already known at the later sites
-    xb = x.detach().expand(b, *x.shape[1:]).clone().requires_grad_()
+    # the beam runs as batches of w copies of x; the graph is cut at every site, so that the gradient at a site's output is
+    # one backward through the segments that read it, from the masked gradients already fixed at those later sites
+    w = math.ceil(b / math.ceil(b / _ROWS))
+    xb = x.detach().expand(w, *x.shape[1:]).clone().requires_grad_()
     logits, outs, cuts = _site_outputs(model, xb, temperature, gate, cut=True)
-    onehot = torch.zeros_like(logits); onehot[:, target] = 1
-    names, grads = list(outs)[::-1], {}   # grads: the masked gradient at each searched site's output, per beam element
-    chosen, n = torch.zeros(b, 0, dtype=torch.long), 1
-    def backward(to, done):
-        g = torch.autograd.grad([logits] + [outs[m] for m in done], to, [onehot] + [grads[m] for m in done],
-                                retain_graph=True, allow_unused=True)[0]
-        return torch.zeros_like(to) if g is None else g
+    roots, leaves = {None: logits, **outs}, {**cuts, None: xb}  # None: the logits among the roots, the input among the leaves
+    names = list(outs)[::-1]
+    step = {**{m: i for i, m in enumerate(names)}, None: len(names)}  # when the search reaches each leaf
+    reach = {r: _reach(root, leaves) for r, root in roots.items()}
+    readers = {m: [r for r in roots if m in reach[r]] for m in leaves}
+    last = {r: max((step[m] for m in reach[r]), default=-1) for r in roots}  # the last step that needs a root's gradient
+    onehot = torch.zeros_like(logits[:1]); onehot[:, target] = 1
+    # per beam element (a row): its channels so far, and the masked gradients at the roots that still read unsearched leaves
+    chosen, frontier = torch.zeros(1, 0, dtype=torch.long), {None: onehot}
+    def backward(to):  # the gradient at leaf `to` for each beam element, w rows at a time
+        rs, n, parts = [r for r in readers[to] if r in frontier], len(chosen), []
+        for rows in torch.arange(n).split(w):
+            g = torch.autograd.grad([roots[r] for r in rs], leaves[to], [_take(frontier[r], rows, w) for r in rs],
+                                    retain_graph=True)[0] if rs else None
+            parts.append(torch.zeros_like(leaves[to]) if g is None else g)
+        return torch.cat(parts)[:n]
     for i, name in enumerate(names):
-        v = backward(cuts[name], names[:i])
+        v = backward(name)
         s = _channel_sums(v * a[name])
         c = s.shape[1]
-        top = s[:n].flatten().topk(min(b, n * c))
-        src, ch, n = top.indices // c, top.indices % c, len(top.indices)
-        for m in names[:i]: grads[m] = _take(grads[m], src, b)
-        mask = _take(nn.functional.one_hot(ch, c).to(v.dtype), torch.arange(n), b)
-        grads[name] = _take(v, src, b) * mask.view(*mask.shape, *[1] * (v.dim() - 2))
-        chosen = torch.cat([_take(chosen, src, b), _take(ch[:, None], torch.arange(n), b)], 1)
-    s = _channel_sums(backward(xb, names) * xb.detach())[:n]
+        top = s.flatten().topk(min(b, s.numel()))
+        src, ch = top.indices // c, top.indices % c
+        frontier = {r: g[src] for r, g in frontier.items() if last[r] > i}
+        mask = nn.functional.one_hot(ch, c).to(v.dtype)
+        frontier[name] = v[src] * mask.view(*mask.shape, *[1] * (v.dim() - 2))
+        chosen = torch.cat([chosen[src], ch[:, None]], 1)
+    s = _channel_sums(backward(None) * x.detach())
     c = s.shape[1]
-    top = s.flatten().topk(min(k, n * c))
+    top = s.flatten().topk(min(k, s.numel()))
     return [Path([('input', int(j % c))] + [(m, int(ch)) for m, ch in zip(names[::-1], chosen[j // c].flip(0))], float(v), target)
             for v, j in zip(top.values, top.indices)]
 
@@ -255,7 +280,8 @@ def path_stability(checkpoints:list,     # state dicts or files of one architect
                    fraction:float=0.1,   # as in `excited_units`
                    eval_data:tuple=None, # (inputs, labels) to measure each checkpoint's accuracy on
                    accuracy:list=None,   # or the accuracies, one per checkpoint, when they are already known
-                   names:list=None):     # a label per checkpoint (default: file names, or their numbers)
+                   names:list=None,      # a label per checkpoint (default: file names, or their numbers)
+                   progress:bool=True):  # a progress bar over the (checkpoint, input) searches, in a notebook or a terminal
     "How each checkpoint's top paths and highly excited units overlap with the final checkpoint's, next to its accuracy."
     _check_input(x)
     if not checkpoints: raise ValueError('no checkpoints given')
@@ -268,8 +294,10 @@ def path_stability(checkpoints:list,     # state dicts or files of one architect
     for c in checkpoints:
         nets.append(load_weights(copy.deepcopy(model), c).eval())
     with torch.no_grad(): target = nets[-1](x).argmax(1) if target is None else _targets(target, len(x), x.device)
-    paths = [[top_paths(net, x[n:n + 1], int(target[n]), k=k, temperature=temperature, gate=gate, level=level, beam=beam)
-              for n in range(len(x))] for net in nets]
+    work = tqdm([(net, n) for net in nets for n in range(len(x))], desc='top paths', disable=not progress)
+    found = [top_paths(net, x[n:n + 1], int(target[n]), k=k, temperature=temperature, gate=gate, level=level, beam=beam)
+             for net, n in work]
+    paths = [found[i:i + len(x)] for i in range(0, len(found), len(x))]
     units = [excited_units(net, x, fraction=fraction) for net in nets]
     jaccard = lambda a, b: len(a & b) / len(a | b) if a | b else 1.0
     return PathStability(
