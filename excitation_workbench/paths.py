@@ -42,7 +42,7 @@ def record_excitations(model:nn.Module, # a ReLU network
 @dataclass
 class Path:
     "One path through the network: an input feature or channel, one unit or channel per ReLU site, the target class."
-    nodes: list  # [("input", i), (site_name, index), ...], in call order
+    nodes: list  # [("input", i), (site_name, index), ...], in call order; i: a channel, a feature, or a pixel (c, h, w)
     score: float # its contribution to the target logit
     target: int  # the output class it ends in
 
@@ -91,7 +91,8 @@ def _neuron_top_paths(model, x, target, k, temperature, gate):
     lo, lo_i = first.topk(kk, dim=1, largest=False)
     hi_nodes, lo_nodes = hi_i[..., None], lo_i[..., None]
     for m in ms: hi, lo, hi_nodes, lo_nodes = _extend(hi, lo, hi_nodes, lo_nodes, m, k)
-    return [Path([('input', int(n[0]))] + [(s, int(j)) for s, j in zip(names, n[1:])], float(v), target)
+    pixel = lambda i: i if x.dim() == 2 else tuple(int(v) for v in torch.unravel_index(torch.tensor(i), x.shape[1:]))
+    return [Path([('input', pixel(int(n[0])))] + [(s, int(j)) for s, j in zip(names, n[1:])], float(v), target)
             for v, n in zip(hi[0], hi_nodes[0])]
 
 # %% ../nbs/06_paths.ipynb #2927f3d4
@@ -207,12 +208,14 @@ def top_paths(model:nn.Module,          # a ReLU network returning logits [N, cl
     raise ValueError(f"level must be 'neuron' or 'channel', got {level!r}")
 
 # %% ../nbs/06_paths.ipynb #36b111f0
+def _index(i): return i if isinstance(i, tuple) else (i,)  # an input node's index into x[n]
+
 def excitation_map(model:nn.Module, # a ReLU network
                    x:Tensor,        # inputs, [N, ...]
                    node:tuple):     # ("input", i) or (site_name, unit or channel), as in `Path.nodes`
     "Pre-activation of one node for each input: [N, H, W] for a channel of a convolutional site, [N] for a unit."
     name, index = node
-    if name == 'input': return x[:, index]
+    if name == 'input': return x[(slice(None), *_index(index))]
     record = record_excitations(model, x)
     if name not in record: raise ValueError(f'unknown site {name!r}: this forward reached {list(record)}')
     return record[name].z[:, index]
@@ -226,7 +229,7 @@ def node_pullback(model:nn.Module,       # a ReLU network
     "Input gradient of one node's output (summed over its positions) under soft gates, same shape as x."
     _check_input(x)
     name, index = node
-    if name == 'input': g = torch.zeros_like(x); g[:, index] = 1; return g
+    if name == 'input': g = torch.zeros_like(x); g[(slice(None), *_index(index))] = 1; return g
     x0, found = x.detach().requires_grad_(), {}
     def keep(site, out):
         if site.name == name: found['out'] = out
