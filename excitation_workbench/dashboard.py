@@ -7,7 +7,7 @@ __all__ = ['zoo_images', 'layer_groups', 'path_level', 'path_label', 'show_figur
            'explore']
 
 # %% ../nbs/07_dashboard.ipynb #f87d0ff7
-import io, threading, traitlets, torch, torch.nn as nn, ipywidgets as widgets, plotly.graph_objects as go
+import io, atexit, threading, weakref, traitlets, torch, torch.nn as nn, ipywidgets as widgets, plotly.graph_objects as go
 from collections import Counter
 from fastcore.basics import patch
 from IPython.display import display
@@ -75,6 +75,8 @@ class LayerChoice(widgets.SelectMultiple):
 _JOBS = ('forward', 'pullback', 'temperature', 'paths', 'node', 'ascent')  # the order work runs in: cheap and needed first
 _VIEWS = {'pullback': 'pullback', 'temperature': 'temperature', 'node': 'path', 'ascent': 'ascent'}  # the view each job draws
 
+_OPEN = weakref.WeakSet()  # workbenches whose worker may be running: stopped at exit, before torch is torn down
+
 class Workbench:
     "Controls, views and the worker that recomputes what a change of control makes stale; `.ui` is the widget to display."
     def __init__(self, model:nn.Module, # a ReLU network in eval mode, taking images in [0, 1]
@@ -85,11 +87,12 @@ class Workbench:
         self._size_model = model if hasattr(model, 'input_size') else None  # what `zoo.load_image` sizes uploads for
         self._forward = self._record = self._paths = None
         self._gradients, self._groups, self.errors, self.updates = {}, {}, {}, Counter()
-        self._gens, self._pending, self._busy = {k: 0 for k in _JOBS}, set(), False
+        self._gens, self._pending, self._busy, self._closed = {k: 0 for k in _JOBS}, set(), False, False
         self._cv = threading.Condition()
         self._build(title)
         self._worker = threading.Thread(target=self._work, daemon=True, name='workbench')
         self._worker.start()
+        _OPEN.add(self)
         self._request(*_JOBS)
 
     def _build(self, title):
@@ -172,7 +175,7 @@ def _request(self:Workbench, *kinds):
 @patch
 def _current(self:Workbench, kind, gen):
     "Raise `Superseded` if `kind` was asked for again since generation `gen`."
-    if self._gens[kind] != gen: raise Superseded(kind)
+    if self._closed or self._gens[kind] != gen: raise Superseded(kind)
 
 @patch
 def _work(self:Workbench):
@@ -181,7 +184,8 @@ def _work(self:Workbench):
         with self._cv:
             self._busy = False
             if not self._pending: self.status.value = 'ready'; self._cv.notify_all()
-            while not self._pending: self._cv.wait()
+            while not self._pending and not self._closed: self._cv.wait()
+            if self._closed: return
             kind = next(k for k in _JOBS if k in self._pending)
             self._pending.discard(kind); gen = self._gens[kind]; self._busy = True
         self.status.value = f'computing: {kind}…'
@@ -195,6 +199,23 @@ def _work(self:Workbench):
         except Superseded: pass
         except Exception as e: self.errors[kind] = f'{type(e).__name__}: {e}'
         self._show_errors()
+
+@patch
+def _stop(self:Workbench, timeout:float=10): # seconds to wait for the work in hand
+    "Stop the worker thread: the work in hand stops at its next check, nothing more runs."
+    with self._cv: self._closed = True; self._cv.notify_all()
+    self._worker.join(timeout)
+
+@patch
+def close(self:Workbench):
+    "Stop the worker and close the widgets."
+    self._stop()
+    self.ui.close()
+
+@atexit.register
+def _stop_all():
+    "At exit, stop every worker first: a thread left inside torch while the interpreter shuts down aborts the process."
+    for wb in list(_OPEN): wb._stop()
 
 @patch
 def _show_errors(self:Workbench):
