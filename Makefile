@@ -7,7 +7,7 @@ DEBS := dataset-fashion-mnist chromium pandoc
 PORT ?= 8888
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test sync docs bench
+.PHONY: lab test sync docs bench app
 
 # torch and torchvision are pinned to the builds that pip finds offline here; the rest comes from settings.ini.
 $(STAMP): settings.ini setup.py
@@ -36,6 +36,5 @@ bench: $(STAMP)
 	$(BIN)/python -m excitation_workbench.bench
 
 # the workbench as a page of its own, served by Voila (it prints the URL); `make app MODEL=fashion-cnn` for another zoo model
-.PHONY: app
 app: $(STAMP)
 	WORKBENCH_MODEL=$(or $(MODEL),fer-emotion) $(BIN)/voila nbs/_app.ipynb
