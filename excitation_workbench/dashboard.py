@@ -39,10 +39,10 @@ def layer_groups(names:list,  # ReLU site names, in call order (as `relu_sites` 
 
 # %% ../nbs/07_dashboard.ipynb #65789dc2
 def path_level(model:nn.Module): # a ReLU network
-    "The `top_paths` level that suits `model`: 'neuron' (exact) on an nn.Sequential of Linear and ReLU layers, 'channel' otherwise."
-    leaves = [m for m in model.modules() if not list(m.children())]
-    plain = all(isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout)) for m in leaves)
-    return 'neuron' if isinstance(model, nn.Sequential) and plain else 'channel'
+    "The `top_paths` level that suits `model`: 'neuron' (exact) where `top_paths` takes it (Linear/ReLU nets), 'channel' otherwise."
+    try: paths._linear_layers(model)
+    except ValueError: return 'channel'
+    return 'neuron'
 
 def path_label(rank:int, path:paths.Path, classes:list): # its place in the list, the path, class names
     "One line of the path table: rank, score, nodes, class."
