@@ -15,7 +15,7 @@ from typing import Callable
 from captum.log import log_usage
 from captum.attr import GradientAttribution, Saliency, InputXGradient, IntegratedGradients, LayerGradCam, LayerAttribution
 from .gates import gated_gradient, excitation_pullback
-from .gates import _check_eval, _check_input, _check_logits, _check_sites, _targets
+from .gates import _check_classes, _check_eval, _check_input, _check_logits, _check_sites, _targets
 
 # %% ../nbs/03_attribution.ipynb #16706286
 def _prepare(model, x, target):
@@ -26,8 +26,7 @@ def _prepare(model, x, target):
     def forward(inputs): # Captum would index the logits with a class out of range: a bare IndexError
         logits = model(inputs)
         _check_logits(logits, len(inputs))
-        bad = target[(target < 0) | (target >= logits.shape[1])]
-        if len(bad): raise ValueError(f'target class(es) {bad.tolist()} out of range for {logits.shape[1]} classes')
+        _check_classes(target, logits.shape[1])
         return logits
     return forward, x.detach().clone().requires_grad_(), target
 

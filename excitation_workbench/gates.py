@@ -417,11 +417,15 @@ def _check_logits(logits, # what the model returned
         raise ValueError(f'the model should return logits [N, classes] for N = {n} inputs, got shape '
                          f'{tuple(logits.shape)}: if x is one unbatched sample, pass x[None]')
 
+def _check_classes(target:Tensor, # class indices
+                   n:int):         # how many classes the model has
+    bad = target[(target < 0) | (target >= n)]
+    if len(bad): raise ValueError(f'target class(es) {bad.tolist()} out of range for {n} classes')
+
 def _target_logits(logits, target):
     "The logit of each sample's target class, checked."
     _check_logits(logits, len(target))
-    bad = (target < 0) | (target >= logits.shape[1])
-    if bad.any(): raise ValueError(f'target class(es) {target[bad].tolist()} out of range for {logits.shape[1]} classes')
+    _check_classes(target, logits.shape[1])
     return logits.gather(1, target[:, None])[:, 0]
 
 def _forward(model:nn.Module, x:Tensor, # as in `gated_gradient`
