@@ -10,11 +10,10 @@ __all__ = ['METHODS', 'gradient', 'gradient_x_input', 'smoothgrad', 'integrated_
 import time, torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 from captum.log import log_usage
 from captum.attr import GradientAttribution, Saliency, InputXGradient, IntegratedGradients, LayerGradCam, LayerAttribution
-from .gates import gated_gradient, excitation_pullback
+from .gates import TEMPERATURE, gated_gradient, excitation_pullback
 from .gates import _check_classes, _check_eval, _check_input, _check_logits, _check_sites, _targets
 
 # %% ../nbs/03_attribution.ipynb #16706286
@@ -132,7 +131,7 @@ def guided_backprop(model:nn.Module, # a ReLU network returning logits [N, class
 class ExcitationPullback(GradientAttribution):
     "The excitation pullback as a Captum attribution: `.attribute(inputs, target=...)`."
     def __init__(self, model:nn.Module,        # a ReLU network returning logits [N, classes]
-                 temperature:float=0.3,        # T of the soft gates
+                 temperature:float=TEMPERATURE, # T of the soft gates
                  gate:str='sigmoid',           # 'sigmoid' or 'normal_cdf', as in `soft_gates`
                  maxpool:str='soft',           # 'soft' or 'hard', as in `soft_gates`
                  layers:list=None):            # the ReLU sites to soften, as in `soft_gates`; None: all
@@ -158,7 +157,7 @@ class ExcitationPullback(GradientAttribution):
 # %% ../nbs/03_attribution.ipynb #8de56bcf
 METHODS = {'gradient': gradient, 'gradient x input': gradient_x_input, 'SmoothGrad': smoothgrad,
            'Integrated Gradients': integrated_gradients, 'Guided Backprop': guided_backprop, 'Grad-CAM': grad_cam,
-           'excitation pullback': partial(excitation_pullback, temperature=0.3)}
+           'excitation pullback': excitation_pullback}
 
 # %% ../nbs/03_attribution.ipynb #5b71aa00
 @dataclass

@@ -101,7 +101,7 @@ class Workbench:
         self.image = W.Dropdown(options=list(self.images), description='image', **wide)
         self.upload = W.FileUpload(accept='image/*', multiple=False, description='upload')
         self.target = W.Dropdown(options=[(c, i) for i, c in enumerate(self.classes)], description='target', **wide)
-        self.temperature = W.FloatLogSlider(0.3, base=10, min=-2, max=1, step=0.05, description='T', readout_format='.3g',
+        self.temperature = W.FloatLogSlider(gates.TEMPERATURE, base=10, min=-2, max=1, step=0.05, description='T', readout_format='.3g',
                                             continuous_update=False, **wide)
         self.gate = W.ToggleButtons(options=list(gates.GATES), description='gate', style={'button_width': '95px', 'description_width': '70px'})
         self.maxpool = W.ToggleButtons(options=['soft', 'hard'], description='max-pool', style={'button_width': '60px', 'description_width': '70px'})

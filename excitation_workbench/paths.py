@@ -7,14 +7,15 @@ __all__ = ['Excitation', 'record_excitations', 'Path', 'top_paths', 'excitation_
            'excited_units', 'PathStability', 'path_stability', 'stability_figure']
 
 # %% ../nbs/06_paths.ipynb #ab81c713
-import torch, torch.nn as nn, math, copy, plotly.graph_objects as go
+import torch, torch.nn as nn, torch.nn.functional as F, torch.autograd.forward_ad as fwAD, math, copy, time, torchvision
+import plotly.graph_objects as go
 from torch import Tensor
 from dataclasses import dataclass
 from tqdm.auto import tqdm
 from pathlib import Path as FilePath
-from .gates import ReluCatcher, Site, GATES, soft_callbacks
-from .gates import _Gates, _check_eval, _check_input, _targets, _target_logits
-from .zoo import load_weights, accuracy as model_accuracy  # `accuracy` names an argument below
+from .gates import TEMPERATURE, ReluCatcher, Site, GATES, soft_callbacks
+from .gates import _FLUSH, _Gates, _check_eval, _check_input, _check_sites, _targets, _target_logits
+from .zoo import load_weights, calibrate_batchnorm, accuracy as model_accuracy  # `accuracy` names an argument below
 
 # %% ../nbs/06_paths.ipynb #67a1d397
 @dataclass
@@ -102,36 +103,57 @@ def _soft_forward(model, x, temperature, gate, on_output):
     with ReluCatcher(model, lambda site, call: on_output(site, soft(site, call)), on_maxpool, check), torch.enable_grad():
         return model(x)
 
-def _site_outputs(model, x, temperature, gate, cut=False):
-    "Logits and each site's output under soft gates, by name; with `cut`, also a detached copy the model continues with."
-    outs, cuts, versions = {}, {}, {}
-    def keep(site, out):
-        outs[site.name], versions[site.name] = out, out._version
-        if cut: out = cuts[site.name] = out.detach().requires_grad_()
-        return out
-    logits = _soft_forward(model, x, temperature, gate, keep)
-    changed = [n for n, o in outs.items() if o._version != versions[n]]
-    if changed: raise ValueError(f'the outputs of sites {changed} are modified in place after their ReLU; '
-                                 'channel paths need them unchanged (replace the in-place op after the ReLU)')
-    return logits, outs, cuts
+def _soft_pool(p, hard, temperature):
+    "A max-pool's exact output whose gradient and tangent spread over each window by softmax(x / T), as the gates' soft max-pool."
+    x, out = p['input'], hard()
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel_size'], p['stride'], p['padding'], p['dilation']
+    (h, w), (ho, wo) = [((1,) + s[-1:]) if p['dims'] == 1 else s[-2:] for s in (x.shape, out.shape)]
+    eh = (ho - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph)  # ceil_mode's extra row and column
+    ew = (wo - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw)
+    pads = (pw, pw + max(ew, 0), ph, ph + max(eh, 0))
+    def windows(t, fill): return F.unfold(F.pad(t.reshape(-1, 1, h, w), pads, value=fill), (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    weights = (windows(x.detach(), float('-inf')) / temperature).softmax(1)  # [maps, window, outputs]
+    soft = (weights * windows(x, 0.0)).sum(1).reshape(out.shape)
+    return out.detach() + (soft - soft.detach())  # the value of `out`, the derivative of `soft`
 
-def _open_jvp(model, x, temperature, gate):
-    "a_l = J_l x for every site l: the soft-gated Jacobian of its output applied to the input, by the double-backward trick."
-    x0 = x.detach().requires_grad_()
-    logits, outs, _ = _site_outputs(model, x0.clone(), temperature, gate)
-    us = [torch.zeros_like(o, requires_grad=True) for o in outs.values()]
-    w = torch.autograd.grad(list(outs.values()), x0, grad_outputs=us, create_graph=True)[0]
-    a = torch.autograd.grad(w, us, grad_outputs=x.detach(), allow_unused=True)
-    return {n: (torch.zeros_like(o) if ai is None else ai)[0].detach() for (n, o), ai in zip(outs.items(), a)}
+def _gated_forward(model, x, temperature, gate, on_relu):
+    "`model(x)` where each ReLU call returns `on_relu(site, z, g, out)`: given its pre-activation, soft gate and exact output."
+    fn = GATES[gate]
+    def relu(site, call):
+        z = call.z.detach()  # without a tangent, in forward mode
+        g = fn(z / temperature) if call.upper is None else fn(z / temperature) * fn((call.upper - z) / temperature)
+        return on_relu(site, call.z, torch.hardshrink(g, _FLUSH.get(g.dtype, 0)), z.clamp(0, call.upper))
+    with ReluCatcher(model, relu, lambda p, hard: _soft_pool(p, hard, temperature), lambda sites: _check_sites(sites, None)):
+        return model(x)
+
+def _open_tangents(model, x, temperature, gate):
+    "a_l = J_l x for every site l: the soft-gated Jacobian of its output applied to the input, by one forward-mode pass."
+    a = {}
+    def relu(site, z, g, out):
+        out = out + g * (z - z.detach())  # the value of `out`, the tangent g dz
+        t = fwAD.unpack_dual(out).tangent
+        a[site.name] = torch.zeros_like(out[0]) if t is None else t[0]
+        return out
+    with fwAD.dual_level(), torch.no_grad(): _gated_forward(model, fwAD.make_dual(x.detach(), x.detach()), temperature, gate, relu)
+    return a
+
+def _cut_forward(model, x, temperature, gate):
+    "Logits, and per site its pre-activation z (in the graph), its soft gate and the detached output the model continues with."
+    zs, gs, cuts = {}, {}, {}
+    def relu(site, z, g, out):
+        zs[site.name], gs[site.name], cuts[site.name] = z, g[0], out.requires_grad_()
+        return out
+    try:
+        with torch.enable_grad(): logits = _gated_forward(model, x, temperature, gate, relu)
+    except RuntimeError as e:  # the model continues with leaves of the graph, which autograd keeps from in-place changes
+        if 'leaf Variable that requires grad' not in str(e): raise
+        raise ValueError(f'the output of ReLU site {list(cuts)[-1]!r} (or an earlier one) is modified in place after the ReLU; '
+                         'channel paths need it unchanged: make the op after the ReLU out of place (h = h + b, not h += b)') from None
+    return logits, zs, gs, cuts
 
 def _channel_sums(t):
     "Sum over everything after the channel dimension: [B, C, ...] -> [B, C]."
     return t.flatten(2).sum(2) if t.dim() > 2 else t
-
-def _take(t, rows, b):
-    "t[rows], padded with zero rows to b rows."
-    t = t[rows]
-    return torch.cat([t, t.new_zeros(b - len(t), *t.shape[1:])])
 
 def _reach(root, leaves):
     "The keys of `leaves` (a dict of leaf tensors) that autograd reaches from `root` without passing through another leaf."
@@ -145,41 +167,42 @@ def _reach(root, leaves):
         else: todo.extend(g for g, _ in f.next_functions)
     return found
 
-_ROWS = 32  # at most this many beam elements per backward: the forward graph holds that many copies of the input, whatever the beam
+_ROWS = 32  # beam elements per vectorised backward: bounds the memory of one backward, whatever the beam
 
 def _channel_top_paths(model, x, target, k, temperature, gate, b):
     "Top-k channel paths by beam search from the output back to the input; scores are the exact masked contributions."
-    a = _open_jvp(model, x, temperature, gate)
-    # the beam runs as batches of w copies of x; the graph is cut at every site, so that the gradient at a site's output is
-    # one backward through the segments that read it, from the masked gradients already fixed at those later sites
-    w = math.ceil(b / math.ceil(b / _ROWS))
-    xb = x.detach().expand(w, *x.shape[1:]).clone().requires_grad_()
-    logits, outs, cuts = _site_outputs(model, xb, temperature, gate, cut=True)
-    roots, leaves = {None: logits, **outs}, {**cuts, None: xb}  # None: the logits among the roots, the input among the leaves
-    names = list(outs)[::-1]
+    a = _open_tangents(model, x, temperature, gate)
+    # one forward of x, its graph cut after every site; a gradient at a site's output is one backward, vectorised over the beam,
+    # through the segments that read it, started at those later sites' z from the masked gradients already fixed there
+    x0 = x.detach().requires_grad_()
+    logits, zs, gs, cuts = _cut_forward(model, x0, temperature, gate)
+    roots, leaves = {None: logits, **zs}, {**cuts, None: x0}  # None: the logits among the roots, the input among the leaves
+    names = list(zs)[::-1]
     step = {**{m: i for i, m in enumerate(names)}, None: len(names)}  # when the search reaches each leaf
     reach = {r: _reach(root, leaves) for r, root in roots.items()}
     readers = {m: [r for r in roots if m in reach[r]] for m in leaves}
     last = {r: max((step[m] for m in reach[r]), default=-1) for r in roots}  # the last step that needs a root's gradient
-    onehot = torch.zeros_like(logits[:1]); onehot[:, target] = 1
-    # per beam element (a row): its channels so far, and the masked gradients at the roots that still read unsearched leaves
-    chosen, frontier = torch.zeros(1, 0, dtype=torch.long), {None: onehot}
-    def backward(to):  # the gradient at leaf `to` for each beam element, w rows at a time
-        rs, n, parts = [r for r in readers[to] if r in frontier], len(chosen), []
-        for rows in torch.arange(n).split(w):
-            g = torch.autograd.grad([roots[r] for r in rs], leaves[to], [_take(frontier[r], rows, w) for r in rs],
-                                    retain_graph=True)[0] if rs else None
-            parts.append(torch.zeros_like(leaves[to]) if g is None else g)
-        return torch.cat(parts)[:n]
+    # the frontier: per root still read by an unsearched site, each beam element's masked gradient there, as (its values, its channel)
+    frontier = {None: (logits.new_ones(1), torch.tensor([target], device=x.device))}
+    chosen = torch.zeros(1, 0, dtype=torch.long, device=x.device)  # per beam element: its channels so far
+    def dense(r):
+        values, ch = frontier[r]
+        g = values.new_zeros(len(ch), *roots[r].shape)
+        g[torch.arange(len(ch), device=x.device), 0, ch] = values
+        return g
+    def backward(to):  # the gradient at leaf `to` for each beam element: [n, *the leaf's shape without its batch]
+        rs, n = [r for r in readers[to] if r in frontier], len(chosen)
+        if not rs: return leaves[to].new_zeros(n, *leaves[to].shape[1:])
+        pull = lambda *gs: torch.autograd.grad([roots[r] for r in rs], leaves[to], gs, retain_graph=True)[0][0]
+        return torch.func.vmap(pull, chunk_size=_ROWS)(*[dense(r) for r in rs])
     for i, name in enumerate(names):
         v = backward(name)
         s = _channel_sums(v * a[name])
         c = s.shape[1]
         top = s.flatten().topk(min(b, s.numel()))
         src, ch = top.indices // c, top.indices % c
-        frontier = {r: g[src] for r, g in frontier.items() if last[r] > i}
-        mask = nn.functional.one_hot(ch, c).to(v.dtype)
-        frontier[name] = v[src] * mask.view(*mask.shape, *[1] * (v.dim() - 2))
+        frontier = {r: (values[src], chs[src]) for r, (values, chs) in frontier.items() if last[r] > i}
+        frontier[name] = (torch.hardshrink(v[src, ch] * gs[name][ch], _FLUSH.get(v.dtype, 0)), ch)  # at z: through the gate
         chosen = torch.cat([chosen[src], ch[:, None]], 1)
     s = _channel_sums(backward(None) * x.detach())
     c = s.shape[1]
@@ -193,7 +216,7 @@ def top_paths(model:nn.Module,          # a ReLU network returning logits [N, cl
               target:int,               # the class whose logit the paths end in
               *,
               k:int=10,                 # how many paths
-              temperature:float=0.3,    # T in gate(z / T), in units of the pre-activations z
+              temperature:float=TEMPERATURE, # T in gate(z / T), in units of the pre-activations z
               gate:str='sigmoid',       # 'sigmoid' or 'normal_cdf', as in `soft_gates`
               level:str='neuron',       # 'neuron': exact, for Linear/ReLU nets; 'channel': beam search, any ReLU net
               beam:int=None):           # beam width for level='channel' (default 2k)
@@ -224,7 +247,7 @@ def node_pullback(model:nn.Module,       # a ReLU network
                   x:Tensor,              # inputs, [N, ...]
                   node:tuple,            # ("input", i) or (site_name, unit or channel), as in `Path.nodes`
                   *,
-                  temperature:float=0.3, # T in gate(z / T)
+                  temperature:float=TEMPERATURE, # T in gate(z / T)
                   gate:str='sigmoid'):   # as in `soft_gates`
     "Input gradient of one node's output (summed over its positions) under soft gates, same shape as x."
     _check_input(x)
@@ -276,7 +299,7 @@ def path_stability(checkpoints:list,     # state dicts or files of one architect
                    *,
                    model:nn.Module,      # the architecture: a model whose state dicts the checkpoints are (left unchanged)
                    k:int=10,             # top paths per input, as in `top_paths`
-                   temperature:float=0.3, # as in `top_paths`
+                   temperature:float=TEMPERATURE, # as in `top_paths`
                    gate:str='sigmoid',   # as in `top_paths`
                    level:str='channel',  # 'neuron' (Linear/ReLU nets) or 'channel', as in `top_paths`
                    beam:int=None,        # as in `top_paths` (default 2k)
@@ -322,3 +345,26 @@ def stability_figure(result:PathStability): # what `path_stability` returned
     fig.update_layout(title='Do the highly excited paths settle before accuracy does?', xaxis_title='checkpoint',
                       yaxis=dict(title='overlap with the final checkpoint / accuracy', range=[0, 1.03]), template='plotly_white')
     return fig
+
+# %% ../nbs/06_paths.ipynb #7b5446fc
+def _search_cost(k:int=10,        # paths to find; the beam is 2k
+                 repeats:int=3,   # searches timed; the median is reported
+                 threads:int=2,   # torch threads while timing (restored after)
+                 arch:str='resnet50', # a torchvision architecture, random weights, BatchNorm calibrated on random images
+                 size:int=224):   # input height and width
+    "Seconds (median) and the process's peak RSS of a `top_paths` channel search on one random image."
+    import resource  # Unix only: imported here, not with the module
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        net = calibrate_batchnorm(getattr(torchvision.models, arch)(), torch.rand(8, 3, size, size))
+        x, walls, cpus = torch.rand(1, 3, size, size), [], []
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            top_paths(net, x, 3, k=k, level='channel')
+            walls.append(time.perf_counter() - wall); cpus.append(time.process_time() - cpu)
+    finally: torch.set_num_threads(before)
+    return dict(arch=arch, size=size, k=k, beam=2 * k, threads=threads, seconds=round(sorted(walls)[len(walls) // 2], 2),
+                cpu_seconds=round(sorted(cpus)[len(cpus) // 2], 2), all_seconds=[round(w, 2) for w in walls],
+                peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))

@@ -502,3 +502,144 @@ def test_issue12_no_denormals(monkeypatch):
     assert rel_err(got, unflushed) < 1e-7
     want = gates.excitation_pullback(net.double(), x.double(), 1, 0.02)  # float64, where these values are normal numbers
     assert rel_err(got.double(), want) < 1e-4  # float16's copy of z: the gate is within 1.1e-4
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 12: z rebuilt from an eval-mode batch_norm's input instead of a float16 copy, checked against a float64 module swap.
+
+class RefSoft(torch.autograd.Function):
+    "The reference soft gate, swapped in by hand: exact (clipped) ReLU forward, backward times sigmoid(z / T) (and sigmoid((upper - z) / T))."
+    @staticmethod
+    def forward(ctx, z, T, upper):
+        ctx.save_for_backward(z); ctx.T, ctx.upper = T, upper
+        return z.clamp(0, upper)
+    @staticmethod
+    def backward(ctx, g):
+        (z,), T, up = ctx.saved_tensors, ctx.T, ctx.upper
+        gate = torch.sigmoid(z / T) * (1 if up is None else torch.sigmoid((up - z) / T))
+        return g * gate, None, None
+
+class BNNet(nn.Module):
+    "Conv/Linear -> BatchNorm -> ReLU in the styles the rebuild must handle, or not; `act` None: caught ReLUs, else the reference."
+    def __init__(self, style, act=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.style, self.act = style, act
+        self.conv, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6, affine=style != 'no affine')
+        self.bn2 = nn.BatchNorm2d(6)
+        self.conv3, self.bn3 = nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6)  # a residual branch
+        self.fc, self.bn1d, self.head = nn.Linear(6 * 16, 12), nn.BatchNorm1d(12), nn.Linear(12, 4)
+        for bn in (self.bn, self.bn2, self.bn3, self.bn1d):  # statistics of unit-scale activations, weights not 1 and 0
+            bn.running_mean.uniform_(-0.3, 0.3); bn.running_var.uniform_(0.5, 2.0)
+            if bn.affine: nn.init.uniform_(bn.weight, 0.5, 1.5); nn.init.uniform_(bn.bias, -0.3, 0.3)
+        self.eval()
+    def relu(self, z, inplace=False, upper=None):
+        if self.act is not None: return self.act(z, upper)
+        if upper is not None: return F.relu6(z, inplace=inplace)
+        return z.relu_() if inplace else F.relu(z)
+    def forward(self, x):
+        s = self.style
+        y = self.bn(self.conv(x)) if s != 'functional' else F.batch_norm(
+            self.conv(x), self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False, 0.0, self.bn.eps)
+        if s == 'changed in place': y += 0.1            # z is no longer what batch_norm made: the copy instead
+        h = self.relu(y.view(y.shape) if s == 'view' else y, inplace=s == 'in place', upper=6.0 if s == 'relu6' else None)
+        if s == 'used elsewhere': h = h + 0.5 * y        # the batch_norm output feeds something else too
+        y = self.bn2(self.conv2(h))
+        if s == 'residual': y += h                              # z = batch_norm + a ReLU output (ResNet's identity)
+        if s == 'residual bn': y = y + self.bn3(self.conv3(h))  # z = batch_norm + batch_norm (ResNet's downsample)
+        if s == 'residual raw': y += self.conv3(h)               # a conv output, which nothing keeps: the copy instead
+        h = self.relu(y, inplace=True)
+        h = F.max_pool2d(h, 2).flatten(1)
+        return self.head(self.relu(self.bn1d(self.fc(h))))
+
+REBUILT = {'sequential': 3, 'in place': 3, 'functional': 3, 'used elsewhere': 3, 'relu6': 3, 'no affine': 3,
+           'residual': 3, 'residual bn': 3, 'changed in place': 2, 'view': 2, 'residual raw': 2}  # ReLUs whose z is rebuilt
+
+@pytest.mark.parametrize('style', list(REBUILT))
+def test_issue12_batchnorm_rebuild(style, monkeypatch):
+    "The pullback of a BatchNorm net equals a float64 module swap; z is rebuilt where batch_norm made it, copied elsewhere."
+    copies = []
+    keep = gates._keep_z
+    monkeypatch.setattr(gates, '_keep_z', lambda z: copies.append(1) or keep(z))
+    x = torch.rand(3, 3, 8, 8)
+    for T in (0.1, 1.0):
+        ref_net = BNNet(style, act=lambda z, upper: RefSoft.apply(z, T, upper)).double()
+        want = plain_gradient(ref_net, x.double(), [0, 2, 1])
+        copies.clear()
+        net = BNNet(style)
+        got = gates.excitation_pullback(net, x, [0, 2, 1], T, maxpool='hard')
+        assert len(copies) == 3 - REBUILT[style], copies
+        assert rel_err(got.double(), want) < (1e-5 if REBUILT[style] == 3 else 1e-4), (T, rel_err(got.double(), want))
+        got64 = gates.excitation_pullback(net.double(), x.double(), [0, 2, 1], T, maxpool='hard')
+        assert rel_err(got64, want) < 1e-12  # the rebuilt z is batch_norm's own output, bit for bit
+    sf = gates.soft_forward(BNNet(style), x, maxpool='hard')  # one forward, backwards at two T: z rebuilt in each
+    for T in (0.1, 1.0):
+        ref_net = BNNet(style, act=lambda z, upper: RefSoft.apply(z, T, upper)).double()
+        assert rel_err(sf.pullback([0, 2, 1], T).double(), plain_gradient(ref_net, x.double(), [0, 2, 1])) < 1e-4
+
+def test_issue12_batchnorm_saved_bytes(monkeypatch):
+    "Rebuilding z stores nothing new: the pullback saves what the plain gradient saves, but for BatchNorm's biases (float16 copies did)."
+    from excitation_workbench.bench import saved_bytes
+    net, x = BNNet('sequential'), torch.rand(3, 3, 8, 8)
+    plain = saved_bytes(lambda: plain_gradient(net, x, 1))
+    rebuilt = saved_bytes(lambda: gates.excitation_pullback(net, x, 1, 0.3, maxpool='hard'))
+    monkeypatch.setattr(gates._Recipes, 'get', lambda self, t: None)  # no rebuild: float16 copies of z
+    copied = saved_bytes(lambda: gates.excitation_pullback(net, x, 1, 0.3, maxpool='hard'))
+    biases = sum(m.bias.nbytes for m in (net.bn, net.bn2, net.bn1d))  # 96 bytes, which BatchNorm's own backward does not keep
+    assert rebuilt - plain <= biases + 24  # and the 3 target indices the gather keeps
+    assert copied - rebuilt >= 2 * (2 * 3 * 6 * 8 * 8 + 3 * 12) - biases  # 2 bytes per element of each z
+
+@pytest.mark.parametrize('arch, copies', [('resnet18', 1), ('mobilenet_v2', 0)])
+def test_issue12_rebuild_torchvision(arch, copies, monkeypatch):
+    "ResNet's ReLUs after BatchNorm and after its residual adds are rebuilt (but the one whose identity is a max-pool output), MobileNet's all."
+    import torchvision
+    from excitation_workbench.zoo import calibrate_batchnorm
+    torch.manual_seed(0)
+    net, x = calibrate_batchnorm(getattr(torchvision.models, arch)(), torch.rand(4, 3, 32, 32)), torch.rand(2, 3, 32, 32)
+    kept = []
+    keep = gates._keep_z
+    monkeypatch.setattr(gates, '_keep_z', lambda z: kept.append(1) or keep(z))
+    got = gates.excitation_pullback(net, x, 1, 0.3)
+    assert len(kept) == copies
+    # float32 through the depth, z's rounding amplified by the gate: 3e-5 (resnet18), 1.6e-4 (mobilenet_v2; 7.4e-4 with copies)
+    assert rel_err(got.double(), gates.excitation_pullback(net.double(), x.double(), 1, 0.3)) < 3e-4
+
+class ReluThenRelu6(nn.Module):
+    "Linear, ReLU, ReLU6 on the ReLU's output (its z is that output, which the first soft ReLU keeps), Linear."
+    def __init__(self, act=None):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc1, self.fc2, self.act = nn.Linear(5, 16), nn.Linear(16, 3), act
+        with torch.no_grad(): self.fc1.weight.mul_(8)  # z above 6 at many units
+        self.eval()
+    def forward(self, x):
+        z = self.fc1(x)
+        if self.act: return self.fc2(self.act(self.act(z, None), 6.0))
+        return self.fc2(F.relu6(F.relu(z)))
+
+def test_issue12_relu6_of_relu(monkeypatch):
+    "z that is an earlier ReLU's output is read from it, not copied, and never changed: repeated backwards give the float64 module swap."
+    x = torch.randn(4, 5)
+    assert (F.relu(ReluThenRelu6().fc1(x)) > 6).any()
+    copies = []
+    keep = gates._keep_z
+    monkeypatch.setattr(gates, '_keep_z', lambda z: copies.append(1) or keep(z))
+    sf = gates.soft_forward(ReluThenRelu6(), x)
+    assert len(copies) == 1  # the first ReLU's z, a Linear output
+    for T in (0.5, 3.0, 0.5):  # the kept output must survive each backward unchanged
+        want = plain_gradient(ReluThenRelu6(lambda z, up: RefSoft.apply(z, T, up)).double(), x.double(), 1)
+        assert rel_err(sf.pullback(1, T).double(), want) < 1e-4, T
+
+def test_double_backward_jvp():
+    "The pullback's linear map differentiated once more (the double-backward JVP trick, at grad 0) gives each class's pullback."
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3)).eval()
+    x, v = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    with gates.soft_gates(net, 0.5):
+        x0 = x.clone().requires_grad_()
+        logits = net(x0)
+        u = torch.zeros_like(logits, requires_grad=True)  # the grad at the logits: the pullback is linear in it
+        g = torch.autograd.grad(logits, x0, u, create_graph=True)[0]
+        jvp = torch.autograd.grad(g, u, v)[0]  # [N, classes]: <pullback of class c, v> per sample
+    want = torch.stack([(gates.excitation_pullback(net, x, c, 0.5) * v).flatten(1).sum(1) for c in range(3)], 1)
+    assert jvp.abs().min() > 0 and rel_err(jvp, want) < 1e-5
