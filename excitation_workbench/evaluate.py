@@ -338,7 +338,7 @@ class Evaluation:
     def figure(self):
         "One panel per metric: each method's mean with its 95% interval."
         s = self.summary()
-        fig = make_subplots(1, len(self.metrics), subplot_titles=[f'{k} ({self.better[k]} is better)' for k in self.metrics],
+        fig = make_subplots(1, len(self.metrics), subplot_titles=[f"{k} {'↑' if self.better[k] == 'higher' else '↓'}" for k in self.metrics],
                             shared_yaxes=True, horizontal_spacing=0.02)
         for j, k in enumerate(self.metrics, 1):
             mean = [s[m][k][0] for m in self.methods]
@@ -347,7 +347,7 @@ class Evaluation:
                                                   arrayminus=[s[m][k][0] - s[m][k][1] for m in self.methods])), 1, j)
         fig.update_yaxes(autorange='reversed')
         fig.update_layout(title=f'{self.title} ({self.n} images)' if self.title else f'{self.n} images',
-                          height=120 + 22 * len(self.methods), width=max(500, 230 * len(self.metrics)), margin=dict(l=10, r=10))
+                          height=120 + 22 * len(self.methods), width=min(1050, max(500, 210 * len(self.metrics))), margin=dict(l=10, r=10))
         return fig
 
     def to_dict(self):
