@@ -145,7 +145,7 @@ class Workbench:
                     W.VBox([self.temperature, self.gate, self.maxpool, self.steps, self.step_size], layout=W.Layout(min_width='340px')),
                     W.VBox([self.layers, self.all_layers]), W.VBox([self.status, self.progress])],
                    layout=W.Layout(flex_flow='row wrap')),
-            head('Excitation pullback and plain gradient (one colour scale)'), self.views['pullback'],
+            head('Excitation pullback and plain gradient (one colour scale: each map over its largest |value|)'), self.views['pullback'],
             head('What the temperature does at one ReLU site'), self.site, self.views['temperature'],
             head('Ascent along the pullback, every step'), self.views['ascent'],
             head('Path walker: the top paths to the target (score, nodes); pick one, step along it'), self.path,

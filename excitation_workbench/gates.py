@@ -387,6 +387,14 @@ class _SoftReLU(torch.autograd.Function):
         return _flush(grad * g), None, None, None
 
 # %% ../nbs/01_gates.ipynb #3d9cba99
+def _pool_frame(p, x_shape, out_shape): # `_pool_args` of a max-pool; its input's and output's shapes
+    "(h, w), (ho, wo) of a max-pool as a 2-d one (a 1-d pool is one of height 1), and the padding (left, right, top, bottom) that gives every output a full window, ceil_mode's extra row and column included."
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel_size'], p['stride'], p['padding'], p['dilation']
+    (h, w), (ho, wo) = [((1,) + s[-1:]) if p['dims'] == 1 else s[-2:] for s in (x_shape, out_shape)]
+    eh = (ho - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph)
+    ew = (wo - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw)
+    return (h, w), (ho, wo), (pw, pw + max(ew, 0), ph, ph + max(eh, 0))
+
 class _SoftMaxPool(torch.autograd.Function):
     "Exact max-pool forward; backward spreads the gradient over each window by softmax(x / T)."
     @staticmethod
@@ -400,13 +408,9 @@ class _SoftMaxPool(torch.autograd.Function):
     def backward(ctx, grad):
         (x,), p = ctx.saved_tensors, ctx.p
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel_size'], p['stride'], p['padding'], p['dilation']
-        (h, w), (ho, wo) = [((1,) + s[-1:]) if p['dims'] == 1 else s[-2:] for s in (x.shape, grad.shape)]
+        (h, w), (ho, wo), pads = _pool_frame(p, x.shape, grad.shape)
         xs, grad = x.reshape(-1, h, w), grad.reshape(-1, ho, wo)  # every map of every sample as one image
-        # pad with -inf (weight 0) so that every output has a full window, ceil_mode's extra row/column included
-        eh = (ho - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph)
-        ew = (wo - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw)
-        pads = (pw, pw + max(ew, 0), ph, ph + max(eh, 0))
-        xp = F.pad(xs, pads, value=float('-inf')) if any(pads) else xs
+        xp = F.pad(xs, pads, value=float('-inf')) if any(pads) else xs  # -inf: weight 0
         # each place in the window as one strided view over all windows, [maps, ho, wo]: no [maps, window, outputs] copy
         # as F.unfold makes (on a GPU its fold took 25x the hard backward's time on VGG-11, batch 64)
         def place(t, i, j): return t[..., i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]

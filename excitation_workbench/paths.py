@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 from pathlib import Path as FilePath
 from .gates import TEMPERATURE, ReluCatcher, Site, GATES, soft_callbacks
-from .gates import _FLUSH, _Gates, _check_eval, _check_input, _check_sites, _targets, _target_logits
+from .gates import _FLUSH, _Gates, _pool_frame, _check_eval, _check_input, _check_sites, _targets, _target_logits
 from .zoo import load_weights, calibrate_batchnorm, accuracy as model_accuracy  # `accuracy` names an argument below
 
 # %% ../nbs/06_paths.ipynb #67a1d397
@@ -106,12 +106,9 @@ def _soft_forward(model, x, temperature, gate, on_output):
 def _soft_pool(p, hard, temperature):
     "A max-pool's exact output whose gradient and tangent spread over each window by softmax(x / T), as the gates' soft max-pool."
     x, out = p['input'], hard()
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel_size'], p['stride'], p['padding'], p['dilation']
-    (h, w), (ho, wo) = [((1,) + s[-1:]) if p['dims'] == 1 else s[-2:] for s in (x.shape, out.shape)]
-    eh = (ho - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph)  # ceil_mode's extra row and column
-    ew = (wo - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw)
-    pads = (pw, pw + max(ew, 0), ph, ph + max(eh, 0))
-    def windows(t, fill): return F.unfold(F.pad(t.reshape(-1, 1, h, w), pads, value=fill), (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    (h, w), _, pads = _pool_frame(p, x.shape, out.shape)
+    def windows(t, fill): return F.unfold(F.pad(t.reshape(-1, 1, h, w), pads, value=fill), p['kernel_size'],
+                                          dilation=p['dilation'], stride=p['stride'])
     weights = (windows(x.detach(), float('-inf')) / temperature).softmax(1)  # [maps, window, outputs]
     soft = (weights * windows(x, 0.0)).sum(1).reshape(out.shape)
     return out.detach() + (soft - soft.detach())  # the value of `out`, the derivative of `soft`

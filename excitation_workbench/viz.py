@@ -124,13 +124,14 @@ def attribution_row(image:Tensor,      # the image [C, H, W] in [0, 1]
                     attributions:dict, # panel title -> attribution [C, H, W], e.g. {'excitation pullback': ..., 'gradient': ...}
                     title:str='',      # shown above
                     cell:int=260):     # pixels per panel
-    "Attributions of one image side by side over it, on one colour scale symmetric about 0, with one colour bar."
-    fig = make_subplots(rows=1, cols=len(attributions), subplot_titles=list(attributions), horizontal_spacing=0.02)
-    for j, a in enumerate(attributions.values()):
-        _overlay(fig, a, image, 1, j + 1, 0.7, False)
+    "Attributions of one image side by side over it, each divided by its largest |value| (in its title), on one colour scale from -1 to 1."
+    sums = {k: a.detach().float().cpu().sum(0) for k, a in attributions.items()}
+    peaks = {k: float(s.abs().max()) for k, s in sums.items()}
+    fig = make_subplots(rows=1, cols=len(sums), subplot_titles=[f'{k} (max {peaks[k]:.3g})' for k in sums], horizontal_spacing=0.02)
+    for j, (k, s) in enumerate(sums.items()):
+        _overlay(fig, s[None] / (peaks[k] or 1.0), image, 1, j + 1, 0.7, False)
         fig.data[-1].update(zmin=None, zmax=None, zmid=None, coloraxis='coloraxis')
-    m = max(float(np.abs(h.z).max()) for h in fig.data if h.type == 'heatmap') or 1.0
-    fig.update_layout(coloraxis=dict(colorscale='RdBu_r', cmin=-m, cmax=m, colorbar=dict(thickness=12, title='d logit / dx')))
+    fig.update_layout(coloraxis=dict(colorscale='RdBu_r', cmin=-1, cmax=1, colorbar=dict(thickness=12, title='/ max')))
     return _image_axes(fig).update_layout(title=title, width=cell * len(attributions) + 110, height=cell + 70,
                                           margin=dict(l=10, r=10, t=60, b=10))
 
