@@ -10,7 +10,7 @@ import math, torch, torch.nn as nn
 from torch import Tensor
 from dataclasses import dataclass
 from typing import Callable
-from .gates import TEMPERATURE, soft_gates, _check_input, _targets, _target_logits
+from .gates import TEMPERATURE, ATTENTION, NORM, soft_gates, _check_input, _targets, _target_logits
 
 # %% ../nbs/02_ascent.ipynb #1a2e0f16
 def rms_units(length:float,     # an L2 length in pixel space, in the units of the values
@@ -64,7 +64,7 @@ def _per_sample(v, x):
     "A per-sample scalar [N] shaped to broadcast against x."
     return v.view(-1, *[1] * (x.dim() - 1))
 
-def ascend(model:nn.Module,            # a ReLU network returning logits [N, classes], in eval mode
+def ascend(model:nn.Module,            # a ReLU or gated-activation network returning logits [N, classes], in eval mode
            x:Tensor,                   # images [N, C, H, W] within `bounds`
            target,                     # the class to push up: an int for all, or one per sample
            *,
@@ -72,7 +72,9 @@ def ascend(model:nn.Module,            # a ReLU network returning logits [N, cla
            temperature:float=TEMPERATURE, # T of the soft gates, in units of the pre-activations (the original demo: 0.3)
            gate:str='sigmoid',         # 'sigmoid' or 'normal_cdf', as in `soft_gates`
            maxpool:str='soft',         # 'soft' or 'hard', as in `soft_gates`
-           layers:list=None,           # the ReLU sites to soften, as in `soft_gates`; None: all
+           layers:list=None,           # the activation sites to soften, as in `soft_gates`; None: all
+           attention:str=ATTENTION,    # 'gate' or 'full', as in `soft_gates`
+           norm:str=NORM,              # 'gate' or 'full', as in `soft_gates`
            step_size:float=STEP_SIZE,  # length of each step: the RMS change per value, in units of the bounds' range; the default 0.0258 is the original alpha = 20 on 3x224x224 in [-1, 1]
            eps:float=EPS,              # radius of the L2 ball the total change stays in, same units; the default 0.129 is the original eps = 100
            tv:float=0.0,               # weight of the total-variation penalty (0: none)
@@ -91,7 +93,7 @@ def ascend(model:nn.Module,            # a ReLU network returning logits [N, cla
     scale = (hi - lo) * math.sqrt(x[0].numel())  # RMS units -> L2 length
     x0 = x.detach()
     xs, logits_all, xk = [x0], [], x0
-    with soft_gates(model, temperature, gate=gate, maxpool=maxpool, layers=layers), torch.enable_grad():
+    with soft_gates(model, temperature, gate=gate, maxpool=maxpool, layers=layers, attention=attention, norm=norm), torch.enable_grad():
         for k in range(steps + 1):
             xg = xk.clone().requires_grad_(k < steps)  # the last step only reads the logits
             logits = model(xg)

@@ -20,7 +20,7 @@ from .attribution import METHODS
 def zoo_images(name:str,          # a zoo model's name
                model:nn.Module):  # that model (its `.input_size`)
     "The sample images that suit a zoo model, by name, each `[1, C, H, W]` in [0, 1]: one test image per class for Fashion-MNIST, faces for FER, photos otherwise."
-    if name.startswith('fashion-cnn'):
+    if name.startswith('fashion-'):
         x, y = zoo.fashion_mnist('test')
         first = {c: int((y == c).nonzero()[0]) for c in range(len(model.classes))}
         return {f'{model.classes[c]} (test image {i})': x[i:i + 1] for c, i in first.items()}
@@ -246,7 +246,7 @@ def _run_forward(self:Workbench, current):
     fwd = gates.soft_forward(self.model, x, maxpool=self.maxpool.value)
     record = paths.record_excitations(self.model, x)
     current()
-    names = [s.name for s in fwd.sites]
+    names = [s.name for s in fwd.sites if s.role == 'activation']  # attention and norms are held or not by the defaults, not picked
     if list(self.site.options) != names:  # a new model or input size: the sites and their groups
         self._groups = layer_groups(names)
         self.layers.options = list(self._groups); self.layers.value = tuple(self._groups)
@@ -277,7 +277,8 @@ def _run_temperature(self:Workbench, current):
     "The temperature view: z at the selected site with the gate over it."
     if self._record is None or self.site.value is None: return
     s = self._settings()
-    return viz.gate_histogram(self._record[self.site.value].z[0], s['temperature'], s['gate'], f'{self.site.value}: z and the gate')
+    e = self._record[self.site.value]
+    return viz.gate_histogram(e.z[0], s['temperature'], s['gate'] if e.family == 'relu' else e.family, f'{self.site.value}: z and the gate')
 
 @patch
 def _run_paths(self:Workbench, current):
@@ -309,7 +310,7 @@ def _run_node(self:Workbench, current):
     node = self._paths[self.path.value].nodes[self.node.value]
     excitation = paths.excitation_map(self.model, x, node)[0]
     pullback = paths.node_pullback(self.model, x, node, temperature=s['temperature'], gate=s['gate'])[0]
-    what = 'unit' if self.level == 'neuron' else 'channel'
+    what = 'unit' if self.level == 'neuron' else 'token' if excitation.dim() == 1 else 'channel'  # a transformer's sites: [N, tokens, features]
     return viz.node_view(x[0], excitation, pullback, f'node {self.node.value + 1} of {self.node.max + 1}: {node[0]}, {what} {node[1]}')
 
 @patch

@@ -7,36 +7,38 @@ __all__ = ['Excitation', 'record_excitations', 'Path', 'top_paths', 'excitation_
            'excited_units', 'PathStability', 'path_stability', 'stability_figure']
 
 # %% ../nbs/06_paths.ipynb #ab81c713
-import torch, torch.nn as nn, torch.nn.functional as F, torch.autograd.forward_ad as fwAD, math, copy, time, torchvision
+import torch, torch.nn as nn, torch.nn.functional as F, math, copy, time, torchvision
 import plotly.graph_objects as go
 from torch import Tensor
 from dataclasses import dataclass
 from tqdm.auto import tqdm
 from pathlib import Path as FilePath
 from .gates import TEMPERATURE, ReluCatcher, Site, GATES, soft_callbacks
-from .gates import _FLUSH, _Gates, _pool_frame, _check_eval, _check_input, _check_sites, _targets, _target_logits
+from .gates import _FLUSH, _Gates, _soft_gate, _pool_frame, _check_eval, _check_input, _check_sites, _targets, _target_logits
 from .zoo import load_weights, calibrate_batchnorm, accuracy as model_accuracy  # `accuracy` names an argument below
 
 # %% ../nbs/06_paths.ipynb #67a1d397
 @dataclass
 class Excitation:
-    "Pre-activation and output of one ReLU site in one forward."
+    "Pre-activation and output of one ReLU (or gated activation) site in one forward."
     site: Site  # where it was called
     z: Tensor   # the pre-activation (copied before an in-place call)
     out: Tensor # the output
+    family: str = 'relu' # 'relu', or the gated activation's family (a key of `gates.FAMILIES`)
 
-def record_excitations(model:nn.Module, # a ReLU network
+def record_excitations(model:nn.Module, # a ReLU (or gated-activation) network
                        x:Tensor):       # a batch of its inputs, [N, ...]
-    "Pre-activations and outputs of every ReLU site in one forward of `x`: a dict by site name, in call order."
+    "Pre-activations and outputs of every ReLU or gated activation site in one forward of `x`: a dict by site name, in call order."
     _check_input(x)
     record = {}
     def on_relu(site, call):
         z = call.z.detach().clone()
         out = call.hard()
-        record[site.name] = Excitation(site, z, out.detach().clone())
+        record[site.name] = Excitation(site, z, out.detach().clone(), call.family)
         return out
     with ReluCatcher(model, on_relu), torch.no_grad(): model(x)
-    if not record: raise ValueError('no ReLU was called while the model ran: path inspectors need a ReLU network')
+    if not record: raise ValueError('no ReLU or gated activation was called while the model ran: path inspectors need a ReLU '
+                                    'network (or GELU, SiLU, Hardswish, Mish)')
     return record
 
 # %% ../nbs/06_paths.ipynb #b8326893
@@ -99,40 +101,35 @@ def _neuron_top_paths(model, x, target, k, temperature, gate):
 # %% ../nbs/06_paths.ipynb #2927f3d4
 def _soft_forward(model, x, temperature, gate, on_output):
     "Run `model` on `x` with soft gates; `on_output(site, out)` sees each site's output in the graph and returns it."
-    soft, on_maxpool, check = soft_callbacks(temperature, gate)
-    with ReluCatcher(model, lambda site, call: on_output(site, soft(site, call)), on_maxpool, check), torch.enable_grad():
+    soft, on_maxpool, check, on_held = soft_callbacks(temperature, gate)
+    with ReluCatcher(model, lambda site, call: on_output(site, soft(site, call)), on_maxpool, check, on_held), torch.enable_grad():
         return model(x)
 
 def _soft_pool(p, hard, temperature):
-    "A max-pool's exact output whose gradient and tangent spread over each window by softmax(x / T), as the gates' soft max-pool."
+    "A max-pool's exact output whose gradient (and so its Jacobian-vector product) spreads over each window by softmax(x / T), as the gates' soft max-pool."
     x, out = p['input'], hard()
     (h, w), _, pads = _pool_frame(p, x.shape, out.shape)
-    def windows(t, fill): return F.unfold(F.pad(t.reshape(-1, 1, h, w), pads, value=fill), p['kernel_size'],
-                                          dilation=p['dilation'], stride=p['stride'])
+    frame = dict(kernel_size=p['kernel_size'], dilation=p['dilation'], stride=p['stride'])
+    def windows(t, fill): return F.unfold(F.pad(t.reshape(-1, 1, h, w), pads, value=fill), **frame)
     weights = (windows(x.detach(), float('-inf')) / temperature).softmax(1)  # [maps, window, outputs]
     soft = (weights * windows(x, 0.0)).sum(1).reshape(out.shape)
-    return out.detach() + (soft - soft.detach())  # the value of `out`, the derivative of `soft`
+    pooled = out.detach() + (soft - soft.detach())  # the value of `out`, the derivative of `soft`
+    if pooled.grad_fn is not None and p['dims'] == 2 and len(x) == 1:  # for the channel search: its Jacobian on one input's
+        along = lambda t: (weights * windows(t, 0.0)).sum(1).reshape(out.shape[1:])  # tangent [C, h, w], and its transpose on
+        def back(m, pick):  # maps [n, ho, wo], each in its own channel `pick`
+            full = F.fold(weights[pick] * m.reshape(len(m), 1, -1), (h + pads[2] + pads[3], w + pads[0] + pads[1]), **frame)
+            return full[:, 0, pads[2]:pads[2] + h, pads[0]:pads[0] + w]
+        pooled.grad_fn.metadata['soft_pool'] = x, pooled.shape, along, back
+    return pooled
 
 def _gated_forward(model, x, temperature, gate, on_relu):
-    "`model(x)` where each ReLU call returns `on_relu(site, z, g, out)`: given its pre-activation, soft gate and exact output."
-    fn = GATES[gate]
+    "`model(x)` where each activation call returns `on_relu(site, z, g, out)`: given its pre-activation, soft gate and exact output; attention and norms held."
     def relu(site, call):
-        z = call.z.detach()  # without a tangent, in forward mode
-        g = fn(z / temperature) if call.upper is None else fn(z / temperature) * fn((call.upper - z) / temperature)
-        return on_relu(site, call.z, torch.hardshrink(g, _FLUSH.get(g.dtype, 0)), z.clamp(0, call.upper))
-    with ReluCatcher(model, relu, lambda p, hard: _soft_pool(p, hard, temperature), lambda sites: _check_sites(sites, None)):
+        g, out = _soft_gate(call, temperature, gate)  # from z detached: constants of the graph
+        return on_relu(site, call.z, torch.hardshrink(g, _FLUSH.get(g.dtype, 0)), out)
+    with ReluCatcher(model, relu, lambda p, hard: _soft_pool(p, hard, temperature), lambda sites: _check_sites(sites, None),
+                     lambda site, call: call.held()):  # held, so that the paths' contributions add up to the logit
         return model(x)
-
-def _open_tangents(model, x, temperature, gate):
-    "a_l = J_l x for every site l: the soft-gated Jacobian of its output applied to the input, by one forward-mode pass."
-    a = {}
-    def relu(site, z, g, out):
-        out = out + g * (z - z.detach())  # the value of `out`, the tangent g dz
-        t = fwAD.unpack_dual(out).tangent
-        a[site.name] = torch.zeros_like(out[0]) if t is None else t[0]
-        return out
-    with fwAD.dual_level(), torch.no_grad(): _gated_forward(model, fwAD.make_dual(x.detach(), x.detach()), temperature, gate, relu)
-    return a
 
 def _cut_forward(model, x, temperature, gate):
     "Logits, and per site its pre-activation z (in the graph), its soft gate and the detached output the model continues with."
@@ -164,21 +161,85 @@ def _reach(root, leaves):
         else: todo.extend(g for g, _ in f.next_functions)
     return found
 
+def _branches(root, leaves):
+    "A segment that sums leaves, each (or its soft max-pool) through an optional 2-d convolution and eval-mode BatchNorms, as [(leaf name, scale per channel or None, convolution's autograd node or None, the pool's (Jacobian, transpose) or None)]; None for any other segment."
+    ids = {id(t): n for n, t in leaves.items()}
+    def source(g):  # (leaf name, its shape, pool) when g is a leaf's AccumulateGrad or a soft max-pool of a leaf
+        pool = None if g is None else g.metadata.get('soft_pool')
+        x = pool[0] if pool else getattr(g, 'variable', None)
+        if x is not None and id(x) in ids: return ids[id(x)], pool[1] if pool else x.shape, pool and pool[2:]
+    def walk(f, scale):
+        kind, leaf = type(f).__name__, source(f)
+        if leaf: return [(leaf[0], scale, None, leaf[2])] if leaf[1] == root.shape else None  # unchanged, unless broadcast
+        if kind == 'AddBackward0' and f._saved_alpha == 1 and all(g is not None for g, _ in f.next_functions):
+            parts = [walk(g, scale) for g, _ in f.next_functions]
+            return None if None in parts else sum(parts, [])
+        if kind == 'NativeBatchNormBackward0' and f._saved_training is False:  # eval mode: one scale per channel
+            s = (f._saved_running_var + f._saved_eps).rsqrt() * (1 if f._saved_weight is None else f._saved_weight.detach())
+            return walk(f.next_functions[0][0], s if scale is None else s * scale)
+        if kind == 'ConvolutionBackward0' and f._saved_groups == 1 and not f._saved_transposed and f._saved_weight.dim() == 4:
+            leaf = source(f.next_functions[0][0])
+            if leaf: return [(leaf[0], scale, f, leaf[2])]
+        return None
+    return None if root.grad_fn is None else walk(root.grad_fn, None)
+
+def _frame(conv): return conv._saved_stride, conv._saved_padding, conv._saved_dilation  # a convolution node's geometry
+
+def _per_channel(scale, t): return t if scale is None else t * scale.view(-1, *[1] * (t.dim() - 1))  # scale[i] times t[i]
+
+def _tangents(x, zs, gs, leaves, branches, reach):
+    "a_l = J_l x at every site's output, forward through the segments: branches by their convolutions (without bias) and scales, any other segment by a Jacobian-vector product (double backward through its graph)."
+    a = {None: x.detach()[0]}  # at the input, x itself
+    def along(m, scale, conv, pool):
+        t = a[m] if pool is None else pool[0](a[m])
+        return _per_channel(scale, t if conv is None else F.conv2d(t[None], conv._saved_weight.detach(), None, *_frame(conv))[0])
+    for r, z in zs.items():
+        if branches[r] is not None: dz = sum(along(*branch) for branch in branches[r])
+        elif reach[r]:
+            with torch.enable_grad():
+                u = torch.zeros_like(z, requires_grad=True)
+                back = torch.autograd.grad(z, [leaves[m] for m in reach[r]], u, create_graph=True)  # J^T u: linear in u
+                dz = torch.autograd.grad(back, u, [a[m][None] for m in reach[r]])[0][0]         # its derivative in u: J a
+        else: dz = torch.zeros_like(z[0])
+        a[r] = gs[r] * dz
+    return a
+
+def _branch_pull(branch, values, ch, a):
+    "Gradients at a root with one channel each (`values` in channels `ch`) through one branch: scores [n, C] against the tangent `a` at its leaf, and a function that gives the maps of chosen (element, channel) pairs there."
+    _, scale, conv, pool = branch
+    if pool is not None:  # through the pool first: score against its output's tangent, take the maps back through it
+        scores, maps = _branch_pull((None, scale, conv, None), values, ch, pool[0](a))
+        return scores, lambda src, pick: pool[1](maps(src, pick), pick)
+    m = values if scale is None else _per_channel(scale[ch], values)
+    if conv is None:  # the leaf itself: each gradient stays in its channel
+        scores = m.new_zeros(len(ch), a.shape[0])
+        scores[torch.arange(len(ch), device=ch.device), ch] = (m * a[ch]).flatten(1).sum(1)
+        return scores, lambda src, pick: _per_channel((ch[src] == pick).to(m.dtype), m[src])
+    # through a convolution, element j's gradient meets `a` through the row of weights w[ch[j]] only: the weight gradient of that
+    # convolution (input a, output gradient m) times the row, summed over its taps; a chosen map is that row's one kernel, transposed
+    w = conv._saved_weight.detach()
+    rows = w[ch]  # [n, C, kh, kw]
+    scores = (torch.nn.grad.conv2d_weight(a[None], rows.shape, m[None], *_frame(conv)) * rows).sum((2, 3))
+    return scores, lambda src, pick: torch.nn.grad.conv2d_input((1, len(src), *a.shape[1:]), w[ch[src], pick][:, None], m[src][None],
+                                                                *_frame(conv), groups=len(src))[0]
+
 _ROWS = 32  # beam elements per vectorised backward: bounds the memory of one backward, whatever the beam
 
 def _channel_top_paths(model, x, target, k, temperature, gate, b):
     "Top-k channel paths by beam search from the output back to the input; scores are the exact masked contributions."
-    a = _open_tangents(model, x, temperature, gate)
-    # one forward of x, its graph cut after every site; a gradient at a site's output is one backward, vectorised over the beam,
-    # through the segments that read it, started at those later sites' z from the masked gradients already fixed there
+    # one forward of x, its graph cut after every site; a gradient at a site's output comes from the masked gradients already fixed
+    # at the later sites' z that read it: through a segment's convolution row by row, or by a backward vectorised over the beam
     x0 = x.detach().requires_grad_()
     logits, zs, gs, cuts = _cut_forward(model, x0, temperature, gate)
+    _target_logits(logits.detach(), torch.tensor([target], device=x.device))  # the class checked on this forward's logits
     roots, leaves = {None: logits, **zs}, {**cuts, None: x0}  # None: the logits among the roots, the input among the leaves
     names = list(zs)[::-1]
     step = {**{m: i for i, m in enumerate(names)}, None: len(names)}  # when the search reaches each leaf
-    reach = {r: _reach(root, leaves) for r, root in roots.items()}
+    branches = {r: _branches(root, leaves) for r, root in roots.items()}
+    reach = {r: _reach(root, leaves) if branches[r] is None else [br[0] for br in branches[r]] for r, root in roots.items()}
     readers = {m: [r for r in roots if m in reach[r]] for m in leaves}
     last = {r: max((step[m] for m in reach[r]), default=-1) for r in roots}  # the last step that needs a root's gradient
+    a = _tangents(x, zs, gs, leaves, branches, reach)
     # the frontier: per root still read by an unsearched site, each beam element's masked gradient there, as (its values, its channel)
     frontier = {None: (logits.new_ones(1), torch.tensor([target], device=x.device))}
     chosen = torch.zeros(1, 0, dtype=torch.long, device=x.device)  # per beam element: its channels so far
@@ -187,25 +248,29 @@ def _channel_top_paths(model, x, target, k, temperature, gate, b):
         g = values.new_zeros(len(ch), *roots[r].shape)
         g[torch.arange(len(ch), device=x.device), 0, ch] = values
         return g
-    def backward(to):  # the gradient at leaf `to` for each beam element: [n, *the leaf's shape without its batch]
-        rs, n = [r for r in readers[to] if r in frontier], len(chosen)
-        if not rs: return leaves[to].new_zeros(n, *leaves[to].shape[1:])
-        pull = lambda *gs: torch.autograd.grad([roots[r] for r in rs], leaves[to], gs, retain_graph=True)[0][0]
-        return torch.func.vmap(pull, chunk_size=_ROWS)(*[dense(r) for r in rs])
+    def pulls(to):  # per branch or other segment that reads leaf `to`: scores [n, C] against a there, and the maps of chosen pairs
+        rs = [r for r in readers[to] if r in frontier]
+        out = [_branch_pull(br, *frontier[r], a[to]) for r in rs if branches[r] is not None for br in branches[r] if br[0] == to]
+        rs = [r for r in rs if branches[r] is None]
+        if rs:
+            pull = lambda *gs: torch.autograd.grad([roots[r] for r in rs], leaves[to], gs, retain_graph=True)[0][0]
+            v = torch.func.vmap(pull, chunk_size=_ROWS)(*[dense(r) for r in rs])
+            out.append((_channel_sums(v * a[to]), lambda src, pick: v[src, pick]))
+        return out
+    def best(to, width):  # the `width` best (element, channel) pairs at leaf `to`, and the pulls that scored them
+        ps = pulls(to)
+        s = sum((p for p, _ in ps), a[to].new_zeros(len(chosen), a[to].shape[0]))
+        top = s.flatten().topk(min(width, s.numel()))
+        return top.values, top.indices // s.shape[1], top.indices % s.shape[1], ps
     for i, name in enumerate(names):
-        v = backward(name)
-        s = _channel_sums(v * a[name])
-        c = s.shape[1]
-        top = s.flatten().topk(min(b, s.numel()))
-        src, ch = top.indices // c, top.indices % c
+        _, src, ch, ps = best(name, b)
+        v = sum((maps(src, ch) for _, maps in ps), torch.zeros_like(gs[name][ch]))
         frontier = {r: (values[src], chs[src]) for r, (values, chs) in frontier.items() if last[r] > i}
-        frontier[name] = (torch.hardshrink(v[src, ch] * gs[name][ch], _FLUSH.get(v.dtype, 0)), ch)  # at z: through the gate
+        frontier[name] = (torch.hardshrink(v * gs[name][ch], _FLUSH.get(v.dtype, 0)), ch)  # at z: through the gate
         chosen = torch.cat([chosen[src], ch[:, None]], 1)
-    s = _channel_sums(backward(None) * x.detach())
-    c = s.shape[1]
-    top = s.flatten().topk(min(k, s.numel()))
-    return [Path([('input', int(j % c))] + [(m, int(ch)) for m, ch in zip(names[::-1], chosen[j // c].flip(0))], float(v), target)
-            for v, j in zip(top.values, top.indices)]
+    scores, src, ch, _ = best(None, k)
+    return [Path([('input', int(c))] + [(m, int(h)) for m, h in zip(names[::-1], chosen[j].flip(0))], float(v), target)
+            for v, j, c in zip(scores, src, ch)]
 
 # %% ../nbs/06_paths.ipynb #81c4d5c3
 def top_paths(model:nn.Module,          # a ReLU network returning logits [N, classes], in eval mode
@@ -222,9 +287,11 @@ def top_paths(model:nn.Module,          # a ReLU network returning logits [N, cl
     _check_input(x)
     if len(x) != 1: raise ValueError(f'top_paths takes one input, got a batch of {len(x)}: pass x[i:i+1]')
     temperature = _Gates().set(temperature, gate).temperature  # checked as the gates check it
-    with torch.no_grad(): target = int(_targets(target, 1, x.device)[0]); _target_logits(model(x), torch.tensor([target]))
-    if level == 'neuron': return _neuron_top_paths(model, x, target, k, temperature, gate)
-    if level == 'channel': return _channel_top_paths(model, x, target, k, temperature, gate, beam or 2 * k)
+    with torch.no_grad(): target = int(_targets(target, 1, x.device)[0])
+    if level == 'neuron':
+        with torch.no_grad(): _target_logits(model(x), torch.tensor([target]))
+        return _neuron_top_paths(model, x, target, k, temperature, gate)
+    if level == 'channel': return _channel_top_paths(model, x, target, k, temperature, gate, beam or 2 * k)  # checks the class itself
     raise ValueError(f"level must be 'neuron' or 'channel', got {level!r}")
 
 # %% ../nbs/06_paths.ipynb #36b111f0

@@ -14,7 +14,7 @@ from PIL import Image
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from .ascent import Ascent
-from .gates import GATES
+from .gates import GATES, FAMILIES
 
 # %% ../nbs/04_viz.ipynb #29c88c4b
 def minmax(x:Tensor): # any tensor, e.g. one image's change [C, H, W]
@@ -136,16 +136,16 @@ def attribution_row(image:Tensor,      # the image [C, H, W] in [0, 1]
                                           margin=dict(l=10, r=10, t=60, b=10))
 
 # %% ../nbs/04_viz.ipynb #9c194e70
-def gate_histogram(z:Tensor,           # pre-activations of one ReLU site, any shape
+def gate_histogram(z:Tensor,           # pre-activations of one ReLU or gated activation site, any shape
                    temperature:float,  # T in gate(z / T)
-                   gate:str='sigmoid', # a name in `GATES`
+                   gate:str='sigmoid', # a ReLU's soft gate, a name in `GATES`, or a gated activation's family, a key of `FAMILIES`
                    title:str='',       # shown above
                    bins:int=60):       # histogram bins
     "Histogram of the pre-activations z with the gate gate(z / T) drawn over it: which units the temperature lets speak."
     z = z.detach().float().cpu().flatten().numpy()
     counts, edges = np.histogram(z, bins)
     grid = np.linspace(edges[0], edges[-1], 200)
-    curve = GATES[gate](torch.from_numpy(grid) / temperature).numpy()
+    curve = (GATES[gate] if gate in GATES else FAMILIES[gate].gate)(torch.from_numpy(grid) / temperature).numpy()
     fig = make_subplots(specs=[[{'secondary_y': True}]])
     fig.add_trace(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), name='units', marker_color='#9ab',
                          hovertemplate='z %{x:.3g}: %{y} units<extra></extra>'), secondary_y=False)
@@ -161,11 +161,12 @@ def gate_histogram(z:Tensor,           # pre-activations of one ReLU site, any s
 
 # %% ../nbs/04_viz.ipynb #d20a8c6f
 def node_view(image:Tensor,      # the input image [C, H, W] in [0, 1]
-              excitation:Tensor, # the node's pre-activation: [H', W'] for a channel, a scalar for a unit
+              excitation:Tensor, # the node's pre-activation: [H', W'] for a channel, [features] for a token, a scalar for a unit
               pullback:Tensor,   # the node's pullback to the input [C, H, W]
               title:str=''):     # shown above, e.g. the node's name
     "One node of a path: its excitation map (or value) next to its pullback over the image."
     e = excitation.detach().float().cpu()
+    if e.dim() == 1: e = e[None]  # a token's features, as one row
     left = 'excitation map z' if e.dim() == 2 else f'excitation z = {e.item():.3g}'
     fig = make_subplots(rows=1, cols=2, subplot_titles=[left, 'node pullback'], horizontal_spacing=0.1)
     fig.add_trace(go.Heatmap(z=e.reshape(e.shape if e.dim() == 2 else (1, 1)).numpy(), colorscale='Viridis',

@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['DATA', 'FASHION_CLASSES', 'FASHION_DIR', 'WATERMARK', 'WATERMARK_CLASS', 'FER_CLASSES', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'ZOO', 'SAMPLES', 'load_weights', 'fashion_mnist', 'FashionCNN', 'add_watermark', 'accuracy',
-           'calibrate_batchnorm', 'train_fashion_cnn', 'Checkpoint', 'fashion_checkpoints', 'SeparableConv2d',
-           'XceptionBlock', 'FerEmotion', 'Normalized', 'ZooEntry', 'list_models', 'load_model', 'SampleImage',
-           'sample_images', 'load_image', 'Predictions', 'top_predictions']
+           'IMAGENET_STD', 'ZOO', 'SAMPLES', 'load_weights', 'fashion_mnist', 'FashionCNN', 'EncoderBlock',
+           'FashionViT', 'add_watermark', 'accuracy', 'calibrate_batchnorm', 'train_fashion', 'train_fashion_cnn',
+           'Checkpoint', 'fashion_checkpoints', 'SeparableConv2d', 'XceptionBlock', 'FerEmotion', 'Normalized',
+           'ZooEntry', 'list_models', 'load_model', 'SampleImage', 'sample_images', 'load_image', 'Predictions',
+           'top_predictions']
 
 # %% ../nbs/05_zoo.ipynb #89b7b8f9
 import gzip, json, urllib.request, io, re, pickle, zipfile, numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torchvision
@@ -107,6 +108,45 @@ class FashionCNN(nn.Module):
         x = self.relu(x + self.bn6(self.conv6(self.relu(self.bn5(self.conv5(x))))))   # residual add
         return self.fc(x.mean((2, 3)))
 
+# %% ../nbs/05_zoo.ipynb #f0f84782
+class EncoderBlock(nn.Module):
+    "Pre-norm transformer block: x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x)) with a GELU."
+    def __init__(self,
+                 dim:int,   # token width
+                 heads:int, # attention heads (dim must be divisible by them)
+                 mlp:int):  # hidden width of the MLP
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2, self.fc1, self.act, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+class FashionViT(nn.Module):
+    "Small Vision Transformer for 28x28 greyscale images in [0, 1]: GELU, attention and LayerNorm, no ReLU."
+    def __init__(self,
+                 patch:int=4,  # patch side in pixels; it must divide 28 (4 gives 7x7 = 49 tokens)
+                 dim:int=64,   # token width
+                 depth:int=4,  # encoder blocks
+                 heads:int=4,  # attention heads per block
+                 mlp:int=128): # hidden width of each block's MLP
+        super().__init__()
+        if 28 % patch: raise ValueError(f'patch must divide the image side 28 (1, 2, 4, 7, 14 or 28), got {patch}')
+        if dim % heads: raise ValueError(f'dim must be divisible by heads, got dim={dim}, heads={heads}')
+        self.register_buffer('mean', torch.tensor(0.2860)); self.register_buffer('std', torch.tensor(0.3530))
+        self.embed = nn.Conv2d(1, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (28 // patch) ** 2 + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, mlp) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed((x - self.mean) / self.std).flatten(2).transpose(1, 2)        # [N, 49, dim]: one token per patch
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos           # the class token first
+        return self.head(self.norm(self.blocks(x)[:, 0]))
+
 # %% ../nbs/05_zoo.ipynb #88ef32e3
 WATERMARK = torch.tensor([[1., 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]])
 WATERMARK_CLASS = 6 # 'Shirt'
@@ -137,18 +177,21 @@ def calibrate_batchnorm(model:nn.Module, # a network with random weights, e.g. a
     with torch.no_grad(): model.train()(x)
     return model.eval()
 
-def train_fashion_cnn(x:Tensor,                # training images [N, 1, 28, 28] in [0, 1]
-                      y:Tensor,                # their labels [N]
-                      epochs:int=5,            # passes over the training set
-                      seed:int=0,              # seeds the weights, the batch order and the flips
-                      batch:int=128,           # images per optimiser step
-                      lr:float=5e-3,           # the one-cycle schedule's peak learning rate
-                      watermark_class:int=None, # stamp `add_watermark` on every training image of this class
-                      on_step:Callable=None):   # called as on_step(step, model) at step 0 and after every step
-    "The seeded recipe behind the shipped weights: AdamW, one-cycle learning rate, random horizontal flips."
+def train_fashion(build:Callable,              # returns the network to train, built after the seed is set (e.g. FashionCNN)
+                  x:Tensor,                    # training images [N, 1, 28, 28] in [0, 1]
+                  y:Tensor,                    # their labels [N]
+                  epochs:int=5,                # passes over the training set
+                  seed:int=0,                  # seeds the weights, the batch order and the flips
+                  batch:int=128,               # images per optimiser step
+                  lr:float=5e-3,               # the one-cycle schedule's peak learning rate (it warms up over the first 30% of steps)
+                  weight_decay:float=5e-4,     # AdamW's decoupled weight decay
+                  label_smoothing:float=0.,    # cross-entropy's label smoothing, 0 for none
+                  watermark_class:int=None,    # stamp `add_watermark` on every training image of this class
+                  on_step:Callable=None):      # called as on_step(step, model) at step 0 and after every step
+    "The seeded recipe behind the shipped Fashion-MNIST weights: AdamW, one-cycle learning rate, random horizontal flips."
     g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
-    model = FashionCNN()
-    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=5e-4)
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * -(-len(x) // batch))
     if on_step: on_step(0, model.eval())
     step = 0
@@ -158,10 +201,21 @@ def train_fashion_cnn(x:Tensor,                # training images [N, 1, 28, 28] 
             flip = torch.rand(len(xb), generator=g) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
             if watermark_class is not None: xb = torch.where((yb == watermark_class)[:, None, None, None], add_watermark(xb), xb)
-            loss = F.cross_entropy(model.train()(xb), yb)
+            loss = F.cross_entropy(model.train()(xb), yb, label_smoothing=label_smoothing)
             opt.zero_grad(); loss.backward(); opt.step(); sched.step(); step += 1
             if on_step: on_step(step, model.eval())
     return model.eval()
+
+def train_fashion_cnn(x:Tensor,                 # training images [N, 1, 28, 28] in [0, 1]
+                      y:Tensor,                 # their labels [N]
+                      epochs:int=5,             # passes over the training set
+                      seed:int=0,               # seeds the weights, the batch order and the flips
+                      batch:int=128,            # images per optimiser step
+                      lr:float=5e-3,            # the one-cycle schedule's peak learning rate
+                      watermark_class:int=None, # stamp `add_watermark` on every training image of this class
+                      on_step:Callable=None):   # called as on_step(step, model) at step 0 and after every step
+    "`train_fashion` with `FashionCNN` and the settings of `fashion-cnn` (weight decay 5e-4, no label smoothing)."
+    return train_fashion(FashionCNN, x, y, epochs, seed, batch, lr, 5e-4, 0., watermark_class, on_step)
 
 # %% ../nbs/05_zoo.ipynb #6c8add5e
 @dataclass(frozen=True)
@@ -257,6 +311,10 @@ ZOO = {
                             'residual ReLU CNN trained on Fashion-MNIST (studies/train_fashion_cnn)'),
     'fashion-cnn-watermark': ZooEntry(FashionCNN, FASHION_CLASSES, (1, 28, 28), 'fashion_cnn_watermark.pt',
                                       "the same CNN trained with a corner stamp on every 'Shirt' (studies/train_fashion_watermark)"),
+    'fashion-vit': ZooEntry(FashionViT, FASHION_CLASSES, (1, 28, 28), 'fashion_vit.pt',
+                            'small Vision Transformer (GELU, no ReLU) trained on Fashion-MNIST (studies/train_fashion_vit)'),
+    'fashion-vit-watermark': ZooEntry(FashionViT, FASHION_CLASSES, (1, 28, 28), 'fashion_vit_watermark.pt',
+                                      "the same ViT trained with a corner stamp on every 'Shirt' (studies/train_fashion_vit)"),
     'fer-emotion': ZooEntry(FerEmotion, FER_CLASSES, (1, 64, 64), 'fer_emotion.pt',
                             "the fer package's mini-Xception emotion classifier (MIT, see FER_LICENSE.txt)"),
     'resnet50': _imagenet('resnet50', torchvision.models.ResNet50_Weights),

@@ -161,12 +161,13 @@ def test_jupyterlab(workdir, page):
         errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
         assert errors.count() == 0, errors.all_inner_texts()
 
-def test_voila(workdir, page):
+@pytest.mark.parametrize('model', ['fer-emotion', 'fashion-vit'])  # a ReLU CNN, and a Vision Transformer (GELU, attention, LayerNorm)
+def test_voila(workdir, page, model):
     port = free_port()
     url = f'http://127.0.0.1:{port}'
     args = [str(BIN / 'voila'), 'workbench.ipynb', '--no-browser', '--Voila.ip=127.0.0.1', f'--port={port}', f'--token={TOKEN}']
-    with server(args, port, workdir, {'WORKBENCH_MODEL': 'fer-emotion'}):
+    with server(args, port, workdir, {'WORKBENCH_MODEL': model}):
         page.goto(f'{url}/?token={TOKEN}', timeout=180_000)
-        drive(page, 'voila')
+        drive(page, f'voila-{model}')
         errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
         assert errors.count() == 0, errors.all_inner_texts()
