@@ -269,8 +269,9 @@ def _run_pullback(self:Workbench, current):
         if key not in self._gradients: self._gradients[key] = METHODS[m](self.model, x, t)[0]
         maps[m] = self._gradients[key]
     s = self._settings()
-    return viz.attribution_row(x[0], maps, f'{self.classes[t]}: T = {s["temperature"]:.3g}, {s["gate"]} gate, '
-                                           f'{self.maxpool.value} max-pool')
+    relu = any(e.family == 'relu' for e in self._record.values())  # the gate option is a ReLU's; a gated activation has its own
+    gate = f'{s["gate"]} gate' if relu else "each activation's own gate"
+    return viz.attribution_row(x[0], maps, f'{self.classes[t]}: T = {s["temperature"]:.3g}, {gate}, {self.maxpool.value} max-pool')
 
 @patch
 def _run_temperature(self:Workbench, current):
