@@ -52,8 +52,6 @@ def workdir(tmp_path):
     (settings / 'notification.jupyterlab-settings').write_text(json.dumps({'fetchNews': 'false'}))
     return tmp_path
 
-ANYWIDGET_SLOW_START = '[anywidget] Failed to initialize model.'
-
 @pytest.fixture
 def page():
     "A fresh headless Chromium page that records console errors and page errors."
@@ -63,11 +61,7 @@ def page():
             pg = browser.new_page(viewport={'width': 1500, 'height': 1000})
             pg.errors = []
             pg.on('console', lambda m: m.type == 'error' and pg.errors.append(f'console: {m.text}'))
-            # anywidget 0.11 rejects a model's `ready` promise when its start takes over 2 s, whether or not it then starts:
-            # plotly's FigureWidget parses its 5 MB bundle (widgetbundle.js) per widget, which a loaded 2-core CI machine can take that long
-            # for (seen once in four CI runs, with every view drawn and updated). A widget that never starts fails the
-            # views' own checks below; this one message alone is not counted.
-            pg.on('pageerror', lambda e: str(e) == ANYWIDGET_SLOW_START or pg.errors.append(f'page error: {e}'))
+            pg.on('pageerror', lambda e: pg.errors.append(f'page error: {e}'))
             # Voila's page links Font Awesome from a CDN although its own bundle carries it (5.15.4): offline that link
             # fails with a console error and nothing looks different. Serve those two style sheets empty; all else is checked.
             pg.route('https://cdn.jsdelivr.net/npm/@fortawesome/**', lambda route: route.fulfill(content_type='text/css', body=''))
