@@ -204,6 +204,10 @@ def _call(method:Callable, model, x, target):
                          f'like x {tuple(x.shape)}: a method is called as method(model, x, target) and returns a tensor like x')
     return a.detach()
 
+def _initialiser(m:nn.Module): # a module
+    "The method that draws `m`'s own parameters anew: `reset_parameters`, or `_reset_parameters` where `nn.MultiheadAttention` keeps it; None if neither."
+    return getattr(m, 'reset_parameters', None) or getattr(m, '_reset_parameters', None)
+
 @_better('lower')
 def randomisation(model:nn.Module,  # a classifier returning logits [N, classes], in eval mode (not changed)
                   x:Tensor,         # inputs [N, C, H, W]
@@ -216,7 +220,7 @@ def randomisation(model:nn.Module,  # a classifier returning logits [N, classes]
     target = _check(model, x, target)
     original = _pixel_map(_call(method, model, x, target).abs())
     copied = copy.deepcopy(model)
-    layers = [m for m in copied.modules() if hasattr(m, 'reset_parameters') and any(True for _ in m.parameters(recurse=False))][::-1]
+    layers = [m for m in copied.modules() if _initialiser(m) and any(True for _ in m.parameters(recurse=False))][::-1]
     if not layers: raise ValueError('the model has no layer with parameters and `reset_parameters` to randomise')
     if stages < 1: raise ValueError(f'stages must be >= 1, got {stages}')
     stages = min(stages, len(layers))
@@ -225,7 +229,7 @@ def randomisation(model:nn.Module,  # a classifier returning logits [N, classes]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for cut in cuts:
-            for m in layers[done:cut]: m.reset_parameters()
+            for m in layers[done:cut]: _initialiser(m)()
             done = cut
             correlations.append(_spearman(_pixel_map(_call(method, copied, x, target).abs()), original))
     return torch.stack(correlations).mean(0)

@@ -477,6 +477,7 @@ def _flush(g:Tensor): # the gradient a soft backward made, its own tensor: chang
     return _hardshrink(g, tiny, out=g)  # in place
 
 _softplus_backward = torch.ops.aten.softplus_backward.default  # grad * sigmoid(beta z), in one kernel
+_softplus_into = torch.ops.aten.softplus_backward.grad_input     # the same, written into a given tensor
 _threshold_backward = torch.ops.aten.threshold_backward.default  # ReLU's own backward: grad where out > 0
 _hardtanh_backward = torch.ops.aten.hardtanh_backward.default    # ReLU6's: grad where 0 < out < upper
 
@@ -493,7 +494,8 @@ def _rebuild(plan, saved): # a `_plan`, and the saved tensors its indices point 
     kind = plan[0]
     if kind == 'bn': return torch.batch_norm(*saved[plan[1]:plan[1] + 5], False, 0.0, plan[2], torch.backends.cudnn.enabled)
     if kind == 'kept': return saved[plan[1]]
-    return _rebuild(plan[1], saved) + _rebuild(plan[2], saved)
+    a, b = _rebuild(plan[1], saved), _rebuild(plan[2], saved)
+    return a.add_(b) if plan[1][0] != 'kept' else b.add_(a) if plan[2][0] != 'kept' else a + b  # into a fresh tensor
 
 class _SoftReLU(torch.autograd.Function):
     "Exact (clipped) ReLU forward; backward multiplies the gradient by gate(z / T) if `gates` soften the site, else by 1[z > 0]."
@@ -518,8 +520,11 @@ class _SoftReLU(torch.autograd.Function):
         with torch.no_grad(): z = _rebuild(ctx.plan, kept) if ctx.plan else kept[0]
         beta, fresh = 1 / gates.temperature, ctx.plan and ctx.plan[0] != 'kept'  # fresh: z is the backward's own tensor
         if gates.gate is torch.special.expit:  # float16 z read as is; ReLU6: a second fused gate, on upper - z
-            g = _softplus_backward(grad, z, beta, 40.0)
-            if upper is not None: g = _softplus_backward(g, z.sub_(upper) if fresh else z - upper, -beta, 40.0)
+            if upper is None:  # into the rebuilt z where there is one: no new tensor
+                g = _softplus_into(grad, z, beta, 40.0, grad_input=z) if fresh else _softplus_backward(grad, z, beta, 40.0)
+            else:
+                g = _softplus_backward(grad, z, beta, 40.0)
+                g = _softplus_into(g, z.sub_(upper), -beta, 40.0, grad_input=z) if fresh else _softplus_backward(g, z - upper, -beta, 40.0)
             return _flush(g), None, None, None
         z = z.to(grad.dtype)
         g = gates.gate(z * beta)
@@ -550,17 +555,20 @@ class _SoftMaxPool(torch.autograd.Function):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p['kernel_size'], p['stride'], p['padding'], p['dilation']
         (h, w), (ho, wo), pads = _pool_frame(p, x.shape, grad.shape)
         xs, grad = x.reshape(-1, h, w), grad.reshape(-1, ho, wo)  # every map of every sample as one image
-        xp = F.pad(xs, pads, value=float('-inf')) if any(pads) else xs  # -inf: weight 0
+        beta = 1 / ctx.gates.temperature
+        xp = F.pad(xs, pads, value=float('-inf')).mul_(beta) if any(pads) else xs * beta  # x / T, -inf around: weight 0
         # each place in the window as one strided view over all windows, [maps, ho, wo]: no [maps, window, outputs] copy
         # as F.unfold makes (on a GPU its fold took 25x the hard backward's time on VGG-11, batch 64)
         def place(t, i, j): return t[..., i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
         window = [(i, j) for i in range(kh) for j in range(kw)]
-        top = functools.reduce(torch.maximum, [place(xp, *ij) for ij in window])  # each window's maximum, for stability
-        beta = 1 / ctx.gates.temperature
-        def weight(ij): return (place(xp, *ij) - top).mul_(beta).exp_()  # exp((x - max) / T), not yet normalised
-        share = grad / sum(weight(ij) for ij in window)
+        top = place(xp.detach(), *window[0]).clone()  # each window's maximum, for stability (a constant: softmax ignores it)
+        for ij in window[1:]: torch.maximum(top, place(xp.detach(), *ij), out=top)
+        weights = [torch.sub(place(xp, *ij), top).exp_() for ij in window]  # exp((x - max) / T), each made once
+        total = weights[0].clone()
+        for wt in weights[1:]: total.add_(wt)
+        share = grad / total
         gx = torch.zeros_like(xp)
-        for ij in window: place(gx, *ij).add_(weight(ij).mul_(share))  # softmax(x / T) * grad, summed where windows overlap
+        for ij, wt in zip(window, weights): place(gx, *ij).addcmul_(wt, share)  # softmax(x / T) * grad, summed where windows overlap
         return _flush(gx[..., ph:ph + h, pw:pw + w].reshape(x.shape)), None, None, None
 
 # %% ../nbs/01_gates.ipynb #87965a83
