@@ -166,14 +166,21 @@ def node_view(image:Tensor,      # the input image [C, H, W] in [0, 1]
               title:str=''):     # shown above, e.g. the node's name
     "One node of a path: its excitation map (or value) next to its pullback over the image."
     e = excitation.detach().float().cpu()
-    if e.dim() == 1: e = e[None]  # a token's features, as one row
-    left = 'excitation map z' if e.dim() == 2 else f'excitation z = {e.item():.3g}'
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[left, 'node pullback'], horizontal_spacing=0.1)
-    fig.add_trace(go.Heatmap(z=e.reshape(e.shape if e.dim() == 2 else (1, 1)).numpy(), colorscale='Viridis',
-                             colorbar=dict(x=0.45, thickness=10), hovertemplate='x %{x}, y %{y}: %{z:.3g}<extra></extra>'),
-                  row=1, col=1)
+    left = f'excitation z = {e.item():.3g}' if e.dim() == 0 else "z of the token's features" if e.dim() == 1 else 'excitation map z'
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[left, 'node pullback'], horizontal_spacing=0.12)
+    if e.dim() == 1:
+        fig.add_trace(go.Bar(y=e.numpy(), marker_color=np.where(e.numpy() > 0, '#21918c', '#c8c8c8'), showlegend=False,
+                             hovertemplate='feature %{x}: z = %{y:.3g}<extra></extra>'), row=1, col=1)
+    else:
+        fig.add_trace(go.Heatmap(z=e.reshape(e.shape if e.dim() == 2 else (1, 1)).numpy(), colorscale='Viridis',
+                                 colorbar=dict(x=0.45, thickness=10), hovertemplate='x %{x}, y %{y}: %{z:.3g}<extra></extra>'),
+                      row=1, col=1)
     _overlay(fig, pullback, image, 1, 2, 0.7, True)
-    return _image_axes(fig).update_layout(title=title, width=640, height=340, margin=dict(l=10, r=10, t=60, b=10))
+    _image_axes(fig)
+    if e.dim() == 1:  # bars: axes with ticks, z upwards, any aspect
+        fig.update_xaxes(visible=True, title='feature', row=1, col=1)
+        fig.update_yaxes(visible=True, autorange=True, scaleanchor=None, row=1, col=1)
+    return fig.update_layout(title=title, width=640, height=340, margin=dict(l=10, r=10, t=60, b=10))
 
 # %% ../nbs/04_viz.ipynb #8afd9970
 def save_figure(fig:go.Figure, # any plotly figure (a FigureWidget too)
