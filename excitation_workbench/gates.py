@@ -76,19 +76,22 @@ def _relu_args(func,    # a key of `_RELUS`, as the mode saw it called
     if 'out' in p or not _number(lower) or lower != 0 or not (upper is None or _number(upper) and upper > 0): return None
     return p['input'], (None if upper is None else float(upper)), label.endswith('_') or p.get('inplace', False)
 
-# Each catchable max-pool: its label, the number of pooled dimensions, whether it is adaptive.
+# Each catchable max-pool: its label, the number of pooled dimensions (None: fractional, random windows), whether it is adaptive.
 _POOLS = {F.max_pool1d: ('max_pool1d', 1, False), torch.max_pool1d: ('max_pool1d', 1, False),
           F.max_pool2d: ('max_pool2d', 2, False), torch.max_pool2d: ('max_pool2d', 2, False),
           F.max_pool3d: ('max_pool3d', 3, False), torch.max_pool3d: ('max_pool3d', 3, False),
           F.adaptive_max_pool1d: ('adaptive_max_pool1d', 1, True), torch.adaptive_max_pool1d: ('adaptive_max_pool1d', 1, True),
           F.adaptive_max_pool2d: ('adaptive_max_pool2d', 2, True), F.adaptive_max_pool3d: ('adaptive_max_pool3d', 3, True),
           F.max_pool1d_with_indices: ('max_pool1d', 1, False), F.max_pool2d_with_indices: ('max_pool2d', 2, False),
-          F.max_pool3d_with_indices: ('max_pool3d', 3, False)}
+          F.max_pool3d_with_indices: ('max_pool3d', 3, False),
+          **{f: (f.__name__.removesuffix('_with_indices'), None, False) for f in (
+              F.fractional_max_pool2d, F.fractional_max_pool2d_with_indices, F.fractional_max_pool3d, F.fractional_max_pool3d_with_indices)}}
 
 def _pool_args(func,    # a key of `_POOLS`, as the mode saw it called
                args:tuple, kwargs:dict): # its arguments
     "Arguments of a max-pool call as those of a 2-d max-pool (a 1-d pool is one of height 1), or None where it has none."
     label, dims, adaptive = _POOLS[func]
+    if dims is None: return None  # fractional
     names = ('input', 'output_size') if adaptive else ('input', 'kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode')
     p = {'stride': None, 'padding': 0, 'dilation': 1, 'ceil_mode': False, **dict(zip(names, args)), **kwargs}
     x = p['input']
@@ -427,7 +430,7 @@ class ReluCatcher:
         if self.on_maxpool is None: return func(*args, **kwargs)
         p = _pool_args(func, args, kwargs)
         if p is None:
-            raise ValueError(f'{_POOLS[func][0]} has no soft backward (soft max-pools are 1-d and 2-d ones, adaptive ones '
+            raise ValueError(f'{_POOLS[func][0]} has no soft backward (soft max-pools are 1-d and 2-d ones with fixed windows, adaptive ones '
                              "whose input size the output size divides, without return_indices): pass maxpool='hard' "
                              'to keep every max-pool hard')
         return self.on_maxpool(p, lambda: func(*args, **kwargs))

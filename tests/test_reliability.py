@@ -346,6 +346,13 @@ def test_13_layers_and_pools():
     x3 = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="max_pool3d has no soft backward.*maxpool='hard'"): gates.excitation_pullback(net3, x3, 1, T)
     assert rel_err(gates.excitation_pullback(net3, x3, 1, 1e-9, maxpool='hard'), plain_gradient(net3, x3, 1)) < 1e-9
+    # nor has a fractional one (random windows), as a module or called functionally with indices
+    for frac in (nn.FractionalMaxPool2d(2, output_size=2), lambda a: F.fractional_max_pool2d(a, 2, output_size=2, return_indices=True)[0]):
+        netf = nn.Sequential(nn.ReLU(), Lambda(frac), nn.Flatten(), nn.Linear(8, 2).double()).eval()
+        xf = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+        with pytest.raises(ValueError, match="fractional_max_pool2d has no soft backward.*maxpool='hard'"): gates.excitation_pullback(netf, xf, 1, T)
+        torch.manual_seed(0); hard = gates.excitation_pullback(netf, xf, 1, 1e-9, maxpool='hard')
+        torch.manual_seed(0); assert rel_err(hard, plain_gradient(netf, xf, 1)) < 1e-9  # the same random windows
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The fuzzer: random MLPs whose ReLUs are called in random styles, each pullback against the float64 closed form.
