@@ -288,7 +288,7 @@ def _run_paths(self:Workbench, current):
     s = self._settings()
     self._paths = None
     found = paths.top_paths(self.model, self.x, self.target.value, k=10, temperature=s['temperature'], gate=s['gate'],
-                            level=self.level)
+                            maxpool=self.maxpool.value, level=self.level)
     current()
     self._paths = found
     self.path.options = [(path_label(r + 1, p, self.classes), r) for r, p in enumerate(found)]
@@ -310,7 +310,7 @@ def _run_node(self:Workbench, current):
     x, s = self.x, self._settings()
     node = self._paths[self.path.value].nodes[self.node.value]
     excitation = paths.excitation_map(self.model, x, node)[0]
-    pullback = paths.node_pullback(self.model, x, node, temperature=s['temperature'], gate=s['gate'])[0]
+    pullback = paths.node_pullback(self.model, x, node, temperature=s['temperature'], gate=s['gate'], maxpool=self.maxpool.value)[0]
     what = 'unit' if self.level == 'neuron' else 'token' if excitation.dim() == 1 else 'channel'  # a transformer's sites: [N, tokens, features]
     return viz.node_view(x[0], excitation, pullback, f'node {self.node.value + 1} of {self.node.max + 1}: {node[0]}, {what} {node[1]}')
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 from pathlib import Path as FilePath
 from .gates import TEMPERATURE, ReluCatcher, Site, GATES, soft_callbacks
-from .gates import _FLUSH, _Gates, _soft_gate, _pool_frame, _check_eval, _check_input, _check_sites, _targets, _target_logits
+from .gates import _FLUSH, _Gates, _check_options, _soft_gate, _pool_frame, _check_eval, _check_input, _check_sites, _targets, _target_logits
 from .zoo import load_weights, calibrate_batchnorm, accuracy as model_accuracy  # `accuracy` names an argument below
 
 # %% ../nbs/06_paths.ipynb #67a1d397
@@ -99,9 +99,9 @@ def _neuron_top_paths(model, x, target, k, temperature, gate):
             for v, n in zip(hi[0], hi_nodes[0])]
 
 # %% ../nbs/06_paths.ipynb #2927f3d4
-def _soft_forward(model, x, temperature, gate, on_output):
-    "Run `model` on `x` with soft gates; `on_output(site, out)` sees each site's output in the graph and returns it."
-    soft, on_maxpool, check, on_held = soft_callbacks(temperature, gate)
+def _soft_forward(model, x, temperature, gate, on_output, maxpool):
+    "Run `model` on `x` with soft gates (max-pools soft or hard); `on_output(site, out)` sees each site's output in the graph and returns it."
+    soft, on_maxpool, check, on_held = soft_callbacks(temperature, gate, maxpool)
     with ReluCatcher(model, lambda site, call: on_output(site, soft(site, call)), on_maxpool, check, on_held), torch.enable_grad():
         return model(x)
 
@@ -122,23 +122,24 @@ def _soft_pool(p, hard, temperature):
         pooled.grad_fn.metadata['soft_pool'] = x, pooled.shape, along, back
     return pooled
 
-def _gated_forward(model, x, temperature, gate, on_relu):
-    "`model(x)` where each activation call returns `on_relu(site, z, g, out)`: given its pre-activation, soft gate and exact output; attention and norms held."
+def _gated_forward(model, x, temperature, gate, on_relu, maxpool='soft'):
+    "`model(x)` where each activation call returns `on_relu(site, z, g, out)`: given its pre-activation, soft gate and exact output; max-pools soft (or hard), attention and norms held."
     def relu(site, call):
         g, out = _soft_gate(call, temperature, gate)  # from z detached: constants of the graph
         return on_relu(site, call.z, torch.hardshrink(g, _FLUSH.get(g.dtype, 0)), out)
-    with ReluCatcher(model, relu, lambda p, hard: _soft_pool(p, hard, temperature), lambda sites: _check_sites(sites, None),
+    pool = (lambda p, hard: _soft_pool(p, hard, temperature)) if maxpool == 'soft' else None  # None: max-pools run as they are
+    with ReluCatcher(model, relu, pool, lambda sites: _check_sites(sites, None),
                      lambda site, call: call.held()):  # held, so that the paths' contributions add up to the logit
         return model(x)
 
-def _cut_forward(model, x, temperature, gate):
+def _cut_forward(model, x, temperature, gate, maxpool='soft'):
     "Logits, and per site its pre-activation z (in the graph), its soft gate and the detached output the model continues with."
     zs, gs, cuts = {}, {}, {}
     def relu(site, z, g, out):
         zs[site.name], gs[site.name], cuts[site.name] = z, g[0], out.requires_grad_()
         return out
     try:
-        with torch.enable_grad(): logits = _gated_forward(model, x, temperature, gate, relu)
+        with torch.enable_grad(): logits = _gated_forward(model, x, temperature, gate, relu, maxpool)
     except RuntimeError as e:  # the model continues with leaves of the graph, which autograd keeps from in-place changes
         if 'leaf Variable that requires grad' not in str(e): raise
         raise ValueError(f'the output of ReLU site {list(cuts)[-1]!r} (or an earlier one) is modified in place after the ReLU; '
@@ -225,12 +226,12 @@ def _branch_pull(branch, values, ch, a):
 
 _ROWS = 32  # beam elements per vectorised backward: bounds the memory of one backward, whatever the beam
 
-def _channel_top_paths(model, x, target, k, temperature, gate, b):
+def _channel_top_paths(model, x, target, k, temperature, gate, maxpool, b):
     "Top-k channel paths by beam search from the output back to the input; scores are the exact masked contributions."
     # one forward of x, its graph cut after every site; a gradient at a site's output comes from the masked gradients already fixed
     # at the later sites' z that read it: through a segment's convolution row by row, or by a backward vectorised over the beam
     x0 = x.detach().requires_grad_()
-    logits, zs, gs, cuts = _cut_forward(model, x0, temperature, gate)
+    logits, zs, gs, cuts = _cut_forward(model, x0, temperature, gate, maxpool)
     _target_logits(logits.detach(), torch.tensor([target], device=x.device))  # the class checked on this forward's logits
     roots, leaves = {None: logits, **zs}, {**cuts, None: x0}  # None: the logits among the roots, the input among the leaves
     names = list(zs)[::-1]
@@ -280,6 +281,7 @@ def top_paths(model:nn.Module,          # a ReLU network returning logits [N, cl
               k:int=10,                 # how many paths
               temperature:float=TEMPERATURE, # T in gate(z / T), in units of the pre-activations z
               gate:str='sigmoid',       # 'sigmoid' or 'normal_cdf', as in `soft_gates`
+              maxpool:str='soft',       # 'soft' or 'hard' max-pools, as in `soft_gates` (level='channel')
               level:str='neuron',       # 'neuron': exact, for Linear/ReLU nets; 'channel': beam search, any ReLU net
               beam:int=None):           # beam width for level='channel' (default 2k)
     "The k paths with the largest contribution to the `target` logit for one input, best first."
@@ -287,11 +289,12 @@ def top_paths(model:nn.Module,          # a ReLU network returning logits [N, cl
     _check_input(x)
     if len(x) != 1: raise ValueError(f'top_paths takes one input, got a batch of {len(x)}: pass x[i:i+1]')
     temperature = _Gates().set(temperature, gate).temperature  # checked as the gates check it
+    _check_options(maxpool, 'gate', 'gate')  # maxpool, as the gates check it
     with torch.no_grad(): target = int(_targets(target, 1, x.device)[0])
     if level == 'neuron':
         with torch.no_grad(): _target_logits(model(x), torch.tensor([target]))
         return _neuron_top_paths(model, x, target, k, temperature, gate)
-    if level == 'channel': return _channel_top_paths(model, x, target, k, temperature, gate, beam or 2 * k)  # checks the class itself
+    if level == 'channel': return _channel_top_paths(model, x, target, k, temperature, gate, maxpool, beam or 2 * k)  # checks the class itself
     raise ValueError(f"level must be 'neuron' or 'channel', got {level!r}")
 
 # %% ../nbs/06_paths.ipynb #36b111f0
@@ -312,7 +315,8 @@ def node_pullback(model:nn.Module,       # a ReLU network
                   node:tuple,            # ("input", i) or (site_name, unit or channel), as in `Path.nodes`
                   *,
                   temperature:float=TEMPERATURE, # T in gate(z / T)
-                  gate:str='sigmoid'):   # as in `soft_gates`
+                  gate:str='sigmoid',    # as in `soft_gates`
+                  maxpool:str='soft'):   # 'soft' or 'hard' max-pools, as in `soft_gates`
     "Input gradient of one node's output (summed over its positions) under soft gates, same shape as x."
     _check_input(x)
     name, index = node
@@ -321,7 +325,7 @@ def node_pullback(model:nn.Module,       # a ReLU network
     def keep(site, out):
         if site.name == name: found['out'] = out
         return out
-    _soft_forward(model, x0.clone(), temperature, gate, keep)
+    _soft_forward(model, x0.clone(), temperature, gate, keep, maxpool)
     if 'out' not in found: raise ValueError(f'unknown site {name!r}: see relu_sites(model, x) for the names')
     return torch.autograd.grad(found['out'][:, index].sum(), x0)[0]
 
