@@ -622,7 +622,7 @@ def _soft_gate(call:ReluCall,     # a caught ReLU or gated activation call
 # %% ../nbs/01_gates.ipynb #ced0638b
 ATTENTION = NORM = 'gate'  # the defaults of `attention` and `norm`, from the ViT chapter's evidence: held, both win on the planted watermark
 
-def _check_options(maxpool, attention, norm):
+def _check_options(maxpool, attention=ATTENTION, norm=NORM):
     if maxpool not in ('soft', 'hard'): raise ValueError(f"maxpool must be 'soft' or 'hard', got {maxpool!r}")
     for name, v in (('attention', attention), ('norm', norm)):
         if v not in ('gate', 'full'): raise ValueError(f"{name} must be 'gate' (held constant in the backward) or 'full', got {v!r}")

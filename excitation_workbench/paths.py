@@ -289,7 +289,7 @@ def top_paths(model:nn.Module,          # a ReLU network returning logits [N, cl
     _check_input(x)
     if len(x) != 1: raise ValueError(f'top_paths takes one input, got a batch of {len(x)}: pass x[i:i+1]')
     temperature = _Gates().set(temperature, gate).temperature  # checked as the gates check it
-    _check_options(maxpool, 'gate', 'gate')  # maxpool, as the gates check it
+    _check_options(maxpool)  # as the gates check it
     with torch.no_grad(): target = int(_targets(target, 1, x.device)[0])
     if level == 'neuron':
         with torch.no_grad(): _target_logits(model(x), torch.tensor([target]))
